@@ -1,0 +1,154 @@
+"""The ``pipeline`` command: one entry point, one subcommand per process kind.
+
+    pipeline collector        run the HTTP collector
+    pipeline migrate          apply SQL migrations and create partitions ahead
+    pipeline stack up|down|status|env
+                              the local stack (Kafka, PostgreSQL, collector)
+    pipeline tail             print events from a Kafka topic (debugging)
+
+Every setting is an environment variable and a flag; ``pipeline <cmd> --help`` lists them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shlex
+import sys
+
+from pipeline import logs
+from pipeline import settings as cfg
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("collector", help="run the aiohttp collector (HTTP -> Kafka)")
+    cfg.add_arguments(p, cfg.CollectorSettings, cfg.KafkaSettings, cfg.LogSettings)
+
+    p = sub.add_parser("migrate", help="apply SQL migrations (idempotent) and create partitions ahead")
+    cfg.add_arguments(p, cfg.PostgresSettings, cfg.LogSettings)
+
+    p = sub.add_parser("stack", help="the local stack: Kafka, PostgreSQL, collector")
+    p.add_argument("action", choices=["up", "down", "status", "env"])
+    p.add_argument("--no-services", action="store_true",
+                   help="with 'up': start only Kafka and PostgreSQL (and migrate), not our processes")
+    cfg.add_arguments(p, cfg.StackSettings, cfg.KafkaSettings, cfg.PostgresSettings, cfg.CollectorSettings,
+                      cfg.LogSettings)
+
+    p = sub.add_parser("tail", help="print events from a Kafka topic, one JSON per line")
+    p.add_argument("--topic", help="topic to read (default: EVENTS_TOPIC)")
+    p.add_argument("--from-beginning", action="store_true", help="start at the oldest retained event")
+    p.add_argument("--max", type=int, default=0, help="stop after this many events (0: never)")
+    p.add_argument("--idle-timeout", type=float, default=0,
+                   help="stop after this many seconds without a new event (0: never)")
+    cfg.add_arguments(p, cfg.KafkaSettings, cfg.LogSettings)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    log_settings = cfg.load(cfg.LogSettings, args)
+    logs.setup(log_settings.level, log_settings.format)
+
+    if args.command == "collector":
+        from ingest.app import run
+
+        run(cfg.load(cfg.CollectorSettings, args), cfg.load(cfg.KafkaSettings, args))
+        return 0
+
+    if args.command == "migrate":
+        return asyncio.run(_migrate(cfg.load(cfg.PostgresSettings, args)))
+
+    if args.command == "stack":
+        return _stack(args)
+
+    if args.command == "tail":
+        return asyncio.run(_tail(cfg.load(cfg.KafkaSettings, args), args))
+    return 2
+
+
+async def _tail(kafka: cfg.KafkaSettings, args: argparse.Namespace) -> int:
+    import orjson
+    from aiokafka import AIOKafkaConsumer
+
+    # No group: reading must not move any consumer group's offsets.
+    consumer = AIOKafkaConsumer(
+        args.topic or kafka.events_topic, bootstrap_servers=kafka.bootstrap, group_id=None,
+        auto_offset_reset="earliest" if args.from_beginning else "latest", enable_auto_commit=False,
+    )
+    await consumer.start()
+    seen = 0
+    try:
+        while not args.max or seen < args.max:
+            timeout = args.idle_timeout or None
+            try:
+                msg = await asyncio.wait_for(consumer.getone(), timeout)
+            except asyncio.TimeoutError:
+                break
+            try:
+                value = orjson.loads(msg.value)
+            except orjson.JSONDecodeError:
+                value = msg.value.decode(errors="replace")  # not JSON: show it as text
+            line = {"partition": msg.partition, "offset": msg.offset,
+                    "key": msg.key.decode(errors="replace") if msg.key else None, "value": value}
+            print(orjson.dumps(line).decode(), flush=True)
+            seen += 1
+    finally:
+        await consumer.stop()
+    return 0
+
+
+async def _migrate(pg: cfg.PostgresSettings) -> int:
+    import asyncpg
+
+    from schemas.migrate import apply_migrations
+
+    conn = await asyncpg.connect(pg.database_url)
+    try:
+        applied = await apply_migrations(conn, granularity=pg.partition_granularity,
+                                         premake_days=pg.partition_premake_days)
+    finally:
+        await conn.close()
+    print(f"applied {len(applied)} migration(s){': ' + ', '.join(applied) if applied else ''}")
+    return 0
+
+
+def _stack(args: argparse.Namespace) -> int:
+    from pipeline.stack import Stack, StackError
+
+    stack = Stack(
+        cfg.load(cfg.StackSettings, args), cfg.load(cfg.KafkaSettings, args),
+        cfg.load(cfg.PostgresSettings, args), cfg.load(cfg.CollectorSettings, args),
+    )
+    try:
+        if args.action == "up":
+            stack.up(services=not args.no_services)
+            _print_status(stack)
+        elif args.action == "down":
+            stopped = stack.down()
+            print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+        elif args.action == "status":
+            return 0 if _print_status(stack) else 1
+        elif args.action == "env":
+            for key, value in stack.env().items():
+                print(f"{key}={shlex.quote(value)}")
+    except StackError as exc:
+        print(f"stack {args.action} failed: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_status(stack) -> bool:
+    ok = True
+    for row in stack.status():
+        state = "healthy" if row["healthy"] else ("running, NOT healthy" if row["running"] else "stopped")
+        ok = ok and bool(row["healthy"])
+        print(f"{row['component']:<10} {state:<22} {row['where']}")
+    return ok
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""All configuration, in one typed place.
+
+Every setting is a field of one of the section dataclasses below. Each field names
+its environment variable; the CLI derives a ``--flag`` from the same field. The
+precedence is: command-line flag > environment variable > default.
+
+Nothing else in the code base reads ``os.environ`` for configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _opt(default: typing.Any, env: str, help: str, **kw: typing.Any) -> typing.Any:
+    meta = {"env": env, "help": help}
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: list(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    bootstrap: str = _opt("127.0.0.1:19092", "KAFKA_BOOTSTRAP", "Kafka bootstrap servers (host:port,...)")
+    events_topic: str = _opt("visitor-events", "EVENTS_TOPIC", "topic the collector publishes to")
+    dlq_topic: str = _opt("visitor-events-dlq", "DLQ_TOPIC", "dead-letter topic")
+    events_partitions: int = _opt(6, "EVENTS_PARTITIONS", "partition count used when creating the events topic")
+
+
+@dataclass(frozen=True)
+class PostgresSettings:
+    database_url: str = _opt(
+        "postgresql://postgres@127.0.0.1:54329/pipeline", "DATABASE_URL", "PostgreSQL DSN"
+    )
+    partition_granularity: str = _opt(
+        "day", "PARTITION_GRANULARITY", "visitor_events partition size: day, week or month"
+    )
+    partition_premake_days: int = _opt(
+        7, "PARTITION_PREMAKE_DAYS", "create visitor_events partitions this many days ahead"
+    )
+
+
+@dataclass(frozen=True)
+class CollectorSettings:
+    host: str = _opt("127.0.0.1", "COLLECTOR_HOST", "address the collector listens on")
+    port: int = _opt(8080, "COLLECTOR_PORT", "port the collector listens on")
+    path_prefix: str = _opt(
+        "", "COLLECTOR_PATH_PREFIX", "prefix for all collector routes, e.g. /a1 (first-party paths resist ad blockers)"
+    )
+    pixel_path: str = _opt("/t.gif", "COLLECTOR_PIXEL_PATH", "tracking-pixel GET route")
+    beacon_path: str = _opt("/collect", "COLLECTOR_BEACON_PATH", "beacon POST route")
+    trusted_proxies: list[IPNetwork] = _opt(
+        [], "COLLECTOR_TRUSTED_PROXIES",
+        "comma-separated CIDRs whose X-Forwarded-For/Forwarded headers are believed",
+    )
+    max_body_bytes: int = _opt(64 * 1024, "COLLECTOR_MAX_BODY_BYTES", "largest accepted POST body")
+    max_batch_events: int = _opt(100, "COLLECTOR_MAX_BATCH_EVENTS", "largest accepted batch")
+    max_inflight_bytes: int = _opt(
+        32 * 1024 * 1024, "COLLECTOR_MAX_INFLIGHT_BYTES",
+        "bytes of events awaiting a Kafka ack; beyond this the collector answers 503",
+    )
+    publish_timeout_s: float = _opt(
+        5.0, "COLLECTOR_PUBLISH_TIMEOUT", "seconds to wait for Kafka's ack before answering 503"
+    )
+    retry_after_s: int = _opt(5, "COLLECTOR_RETRY_AFTER", "Retry-After seconds sent with a 503")
+    linger_ms: int = _opt(2, "COLLECTOR_LINGER_MS", "producer linger: how long to gather a batch")
+    cookieless_secret: str = _opt(
+        "change-me", "COLLECTOR_COOKIELESS_SECRET",
+        "secret for the daily-rotating visitor hash used when a hit has no visitor_id",
+    )
+    shutdown_timeout_s: float = _opt(10.0, "COLLECTOR_SHUTDOWN_TIMEOUT", "grace period for in-flight requests")
+
+
+@dataclass(frozen=True)
+class EnrichSettings:
+    geoip_city_db: Path = _opt(
+        PROJECT_ROOT.parent / "shared" / "geoip" / "GeoIP2-City-Test.mmdb", "GEOIP_CITY_DB",
+        "MaxMind/DB-IP City database (.mmdb); the default is MaxMind's small test database",
+    )
+    ip_storage: str = _opt(
+        "anonymized", "IP_STORAGE",
+        "how ip_address is stored: anonymized (IPv4 /24, IPv6 /48), full, or none",
+    )
+    ua_cache_size: int = _opt(10_000, "UA_CACHE_SIZE", "user agents whose parse result is cached (LRU)")
+
+
+@dataclass(frozen=True)
+class StackSettings:
+    state_dir: Path = _opt(PROJECT_ROOT / ".stack", "STACK_DIR", "where the local stack keeps data, logs and pids")
+    cache_dir: Path = _opt(PROJECT_ROOT / ".cache", "STACK_CACHE_DIR", "download cache (Kafka jars)")
+    kafka_version: str = _opt("4.1.1", "KAFKA_VERSION", "Apache Kafka version fetched from Maven Central")
+    kafka_port: int = _opt(19092, "KAFKA_PORT", "local broker port (the controller uses port+1)")
+    kafka_heap: str = _opt("512m", "KAFKA_HEAP", "broker JVM heap")
+    pg_port: int = _opt(54329, "PG_PORT", "local PostgreSQL port")
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: str = _opt("INFO", "LOG_LEVEL", "log level")
+    format: str = _opt("json", "LOG_FORMAT", "json or text")
+
+
+SECTIONS = (KafkaSettings, PostgresSettings, CollectorSettings, EnrichSettings, StackSettings, LogSettings)
+
+
+# ---------------------------------------------------------------------------
+# env / CLI plumbing
+
+
+def _parse_value(tp: typing.Any, raw: str) -> typing.Any:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return [_parse_value(inner, part.strip()) for part in raw.split(",") if part.strip()]
+    if tp is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"not a boolean: {raw!r}")
+    if tp == IPNetwork:
+        return ipaddress.ip_network(raw, strict=False)
+    return tp(raw)
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return "--" + f.metadata["env"].lower().replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser, *sections: type) -> None:
+    """Add one ``--flag`` per field of the given sections (default None = not given)."""
+    for section in sections:
+        group = parser.add_argument_group(section.__name__.removesuffix("Settings").lower())
+        for f in dataclasses.fields(section):
+            env = f.metadata["env"]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if isinstance(default, list):
+                shown = ",".join(map(str, default)) or "none"
+            else:
+                shown = default
+            group.add_argument(
+                _flag(f), dest=env, default=None, metavar=env,
+                help=f"{f.metadata['help']} (env {env}, default {shown})",
+            )
+
+
+def load(section: type, args: argparse.Namespace | None = None, env: typing.Mapping[str, str] | None = None):
+    """Build one settings section from flags, then environment, then defaults."""
+    env = os.environ if env is None else env
+    hints = typing.get_type_hints(section)
+    values = {}
+    for f in dataclasses.fields(section):
+        name = f.metadata["env"]
+        raw = getattr(args, name, None) if args is not None else None
+        if raw is None:
+            raw = env.get(name)
+        if raw is None:
+            continue
+        try:
+            values[f.name] = _parse_value(hints[f.name], raw)
+        except ValueError as exc:
+            raise SystemExit(f"invalid value for {name}: {raw!r} ({exc})") from None
+    return section(**values)
+
+
+def reference_markdown() -> str:
+    """docs/configuration.md, generated so it cannot drift: ``python -m pipeline.settings``."""
+    lines = [
+        "# Configuration",
+        "",
+        "Every setting is an environment variable and a command-line flag (`--` + the variable name in "
+        "lower case with dashes, e.g. `COLLECTOR_PORT` → `--collector-port`). A flag beats the variable, "
+        "the variable beats the default. `pipeline <command> --help` shows the settings each command reads.",
+        "",
+        "This page is generated from `pipeline/settings.py` by `python -m pipeline.settings > "
+        "docs/configuration.md`; a test fails when it is stale.",
+        "",
+    ]
+    for section in SECTIONS:
+        lines += [f"## {section.__name__.removesuffix('Settings')}", "",
+                  "| variable | default | meaning |", "|---|---|---|"]
+        for f in dataclasses.fields(section):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if isinstance(default, list):
+                default = ",".join(map(str, default)) or "(none)"
+            shown = str(default).replace(str(PROJECT_ROOT), "<project>") or "(empty)"
+            lines.append(f"| `{f.metadata['env']}` | `{shown}` | {f.metadata['help']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")
