@@ -1,0 +1,144 @@
+"""Sessionization: a pure function of a visitor's session state and one event.
+
+A visitor's events form one session until
+  * the visitor is inactive for longer than the timeout (default 30 minutes),
+  * the local date in the site's time zone changes (midnight), or
+  * the traffic source changes: the event carries a campaign, UTM parameters, a
+    click id or an external referrer different from the session's own source.
+    Internal navigation and direct hits carry no source and never split a session.
+
+``session_id`` is a UUIDv5 of (site, visitor, time of the session's first event),
+so replaying the same partition gives the same ids.
+
+Late and out-of-order events: the state keeps the visitor's few most recent
+sessions; an event older than the newest one joins the session whose window
+(start - timeout .. last + timeout, same local day) contains it, and otherwise
+starts a session of its own, so a late event never splits a session that exists.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from urllib.parse import parse_qsl, urlsplit
+from zoneinfo import ZoneInfo
+
+# Sessions remembered per visitor: enough for out-of-order delivery, small in Postgres.
+RECENT_SESSIONS = 6
+
+_NAMESPACE = uuid.UUID("6f0c8a4e-8b1e-4e55-9a53-7a3c2f6d1b90")
+
+_UTM_KEYS = ("utm_source", "utm_medium", "utm_campaign")
+# Ad click ids that mark paid traffic even without UTM tags.
+_CLICK_IDS = ("gclid", "fbclid", "msclkid", "dclid", "ttclid", "twclid", "li_fat_id", "yclid")
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    id: str
+    start_ms: int  # earliest event seen in the session
+    last_ms: int  # latest event seen in the session
+    day: int  # proleptic ordinal of the local date the session started on
+    source: str  # traffic source that opened it ("" = direct or unknown)
+
+    def to_json(self) -> list:
+        return [self.id, self.start_ms, self.last_ms, self.day, self.source]
+
+    @classmethod
+    def from_json(cls, value: list) -> Session:
+        sid, start, last, day, source = value
+        return cls(sid, int(start), int(last), int(day), source)
+
+
+# A visitor's state: recent sessions, oldest first.
+VisitorState = tuple[Session, ...]
+
+
+def state_to_json(state: VisitorState) -> list:
+    return [s.to_json() for s in state]
+
+
+def state_from_json(value: list | None) -> VisitorState:
+    return tuple(Session.from_json(v) for v in value or ())
+
+
+def session_uuid(site_id: str, visitor_id: str, start_ms: int) -> str:
+    return str(uuid.uuid5(_NAMESPACE, f"{site_id}|{visitor_id}|{start_ms}"))
+
+
+def local_day(t_ms: int, tz: ZoneInfo | timezone) -> int:
+    return datetime.fromtimestamp(t_ms / 1000, tz).toordinal()
+
+
+def traffic_source(page_url: str | None, referrer_url: str | None, campaign_id: str | None = None) -> str | None:
+    """What brought the visitor, or None when the hit says nothing new (internal or direct).
+
+    Precedence: explicit campaign, UTM tags, ad click id, external referrer host.
+    """
+    if campaign_id:
+        return f"campaign:{campaign_id}"
+    page = _split(page_url)
+    if page is not None and page.query:
+        params = dict(parse_qsl(page.query, keep_blank_values=False))
+        utm = [params.get(k, "").strip().lower() for k in _UTM_KEYS]
+        if any(utm):
+            return "utm:" + "/".join(utm)
+        for click in _CLICK_IDS:
+            if click in params:
+                return f"click:{click}"
+    ref = _split(referrer_url)
+    if ref is None or not ref.hostname:
+        return None
+    ref_host = _bare_host(ref.hostname)
+    if page is not None and page.hostname and _bare_host(page.hostname) == ref_host:
+        return None  # internal navigation
+    return f"ref:{ref_host}"
+
+
+def _split(url: str | None):
+    if not url:
+        return None
+    try:
+        return urlsplit(url)
+    except ValueError:
+        return None
+
+
+def _bare_host(host: str) -> str:
+    host = host.lower()
+    return host[4:] if host.startswith("www.") else host
+
+
+def assign(
+    state: VisitorState,
+    *,
+    site_id: str,
+    visitor_id: str,
+    t_ms: int,
+    source: str | None,
+    tz: ZoneInfo | timezone,
+    timeout_ms: int,
+) -> tuple[str, VisitorState]:
+    """The session of an event at ``t_ms``, and the visitor's new state."""
+    day = local_day(t_ms, tz)
+    if state:
+        newest = state[-1]
+        if t_ms >= newest.last_ms:
+            # In order (the common case): continue the newest session unless a rule splits it.
+            if (
+                t_ms - newest.last_ms <= timeout_ms
+                and day == newest.day
+                and (source is None or source == newest.source)
+            ):
+                return newest.id, state[:-1] + (replace(newest, last_ms=t_ms),)
+        else:
+            # Late: join the session whose window holds it, whatever its source.
+            for i in range(len(state) - 1, -1, -1):
+                s = state[i]
+                if s.start_ms - timeout_ms <= t_ms <= s.last_ms + timeout_ms and day == s.day:
+                    grown = replace(s, start_ms=min(s.start_ms, t_ms), last_ms=max(s.last_ms, t_ms))
+                    return s.id, state[:i] + (grown,) + state[i + 1:]
+    new = Session(session_uuid(site_id, visitor_id, t_ms), t_ms, t_ms, day, source or "")
+    merged = sorted(state + (new,), key=lambda s: s.last_ms)
+    return new.id, tuple(merged[-RECENT_SESSIONS:])
