@@ -1,6 +1,8 @@
 """The ``pipeline`` command: one entry point, one subcommand per process kind.
 
     pipeline collector        run the HTTP collector
+    pipeline worker           run a stream worker (Kafka -> enrich -> PostgreSQL)
+    pipeline dlq list|replay  inspect or re-feed dead letters
     pipeline migrate          apply SQL migrations and create partitions ahead
     pipeline stack up|down|status|env
                               the local stack (Kafka, PostgreSQL, collector)
@@ -27,6 +29,17 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("collector", help="run the aiohttp collector (HTTP -> Kafka)")
     cfg.add_arguments(p, cfg.CollectorSettings, cfg.KafkaSettings, cfg.LogSettings)
+
+    p = sub.add_parser("worker", help="run a stream worker (consumer group member)")
+    cfg.add_arguments(p, cfg.WorkerSettings, cfg.EnrichSettings, cfg.KafkaSettings, cfg.PostgresSettings,
+                      cfg.LogSettings)
+
+    p = sub.add_parser("dlq", help="dead letters: list them, or replay them into the events topic")
+    p.add_argument("action", choices=["list", "replay"])
+    p.add_argument("--reason", action="append", help="only dead letters with this reason (repeatable)")
+    p.add_argument("--since", help="only dead letters that failed at or after this ISO time")
+    p.add_argument("--dry-run", action="store_true", help="with 'replay': count, publish nothing")
+    cfg.add_arguments(p, cfg.KafkaSettings, cfg.LogSettings)
 
     p = sub.add_parser("migrate", help="apply SQL migrations (idempotent) and create partitions ahead")
     cfg.add_arguments(p, cfg.PostgresSettings, cfg.LogSettings)
@@ -58,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
 
         run(cfg.load(cfg.CollectorSettings, args), cfg.load(cfg.KafkaSettings, args))
         return 0
+
+    if args.command == "worker":
+        return asyncio.run(_worker(args))
+
+    if args.command == "dlq":
+        return asyncio.run(_dlq(cfg.load(cfg.KafkaSettings, args), args))
 
     if args.command == "migrate":
         return asyncio.run(_migrate(cfg.load(cfg.PostgresSettings, args)))
@@ -98,6 +117,47 @@ async def _tail(kafka: cfg.KafkaSettings, args: argparse.Namespace) -> int:
             seen += 1
     finally:
         await consumer.stop()
+    return 0
+
+
+async def _worker(args: argparse.Namespace) -> int:
+    import signal
+
+    from pipeline.worker import Worker
+
+    worker = Worker(cfg.load(cfg.WorkerSettings, args), cfg.load(cfg.KafkaSettings, args),
+                    cfg.load(cfg.PostgresSettings, args), cfg.load(cfg.EnrichSettings, args))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop_nowait)
+    await worker.run()
+    return 0
+
+
+async def _dlq(kafka: cfg.KafkaSettings, args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    import orjson
+
+    from pipeline import dlq
+
+    reasons = set(args.reason) if args.reason else None
+    since_ms = None
+    if args.since:
+        since = dt.datetime.fromisoformat(args.since)
+        since = since if since.tzinfo else since.replace(tzinfo=dt.timezone.utc)
+        since_ms = int(since.timestamp() * 1000)
+    if args.action == "list":
+        async for record, letter in dlq.read_all(kafka):
+            if reasons and letter.get("reason") not in reasons:
+                continue
+            if since_ms and letter.get("failed_at", 0) < since_ms:
+                continue
+            print(orjson.dumps({"dlq_offset": record.offset, "dlq_partition": record.partition, **letter}).decode())
+        return 0
+    counts = await dlq.replay(kafka, reasons=reasons, since_ms=since_ms, dry_run=args.dry_run)
+    print(("would replay" if args.dry_run else "replayed") +
+          f" {counts['replayed']} of {counts['seen']} dead letters ({counts['skipped']} skipped)")
     return 0
 
 

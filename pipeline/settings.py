@@ -82,6 +82,28 @@ class CollectorSettings:
 
 
 @dataclass(frozen=True)
+class WorkerSettings:
+    group_id: str = _opt("visitor-events-sink", "WORKER_GROUP", "Kafka consumer group of the workers")
+    batch_rows: int = _opt(5000, "WORKER_BATCH_ROWS", "flush a batch at this many events")
+    batch_ms: int = _opt(500, "WORKER_BATCH_MS", "flush a batch this many ms after its first event")
+    metrics_host: str = _opt("127.0.0.1", "WORKER_METRICS_HOST", "address of the worker's /metrics and /healthz")
+    metrics_port: int = _opt(9102, "WORKER_METRICS_PORT", "port of the worker's /metrics and /healthz (0: off)")
+    retry_max_s: float = _opt(10.0, "WORKER_RETRY_MAX", "longest backoff between retries while Postgres is down")
+    pool_size: int = _opt(4, "WORKER_PG_POOL", "PostgreSQL connections per worker")
+    session_timeout_min: int = _opt(30, "SESSION_TIMEOUT_MINUTES", "inactivity that ends a session")
+    session_default_tz: str = _opt(
+        "UTC", "SESSION_DEFAULT_TZ", "time zone of a site's midnight when pipeline.site_settings has none"
+    )
+    session_cache_visitors: int = _opt(200_000, "SESSION_CACHE_VISITORS", "visitors' session state kept in memory")
+    max_past_days: int = _opt(
+        30, "EVENT_MAX_PAST_DAYS", "client times older than this (vs. receive time) are replaced by the receive time"
+    )
+    max_future_s: int = _opt(
+        600, "EVENT_MAX_FUTURE_SECONDS", "client times ahead of the receive time by more are replaced by it"
+    )
+
+
+@dataclass(frozen=True)
 class EnrichSettings:
     geoip_city_db: Path = _opt(
         PROJECT_ROOT.parent / "shared" / "geoip" / "GeoIP2-City-Test.mmdb", "GEOIP_CITY_DB",
@@ -102,6 +124,12 @@ class StackSettings:
     kafka_port: int = _opt(19092, "KAFKA_PORT", "local broker port (the controller uses port+1)")
     kafka_heap: str = _opt("512m", "KAFKA_HEAP", "broker JVM heap")
     pg_port: int = _opt(54329, "PG_PORT", "local PostgreSQL port")
+    workers: int = _opt(1, "STACK_WORKERS", "stream workers the local stack runs")
+    worker_base_port: int = _opt(9102, "STACK_WORKER_PORT", "worker n of the local stack serves /metrics on this + n")
+    demo_site_id: str = _opt(
+        "00000000-0000-4000-8000-000000000001", "STACK_DEMO_SITE",
+        "site the local stack creates so that example hits are stored (empty: none)",
+    )
 
 
 @dataclass(frozen=True)
@@ -110,7 +138,7 @@ class LogSettings:
     format: str = _opt("json", "LOG_FORMAT", "json or text")
 
 
-SECTIONS = (KafkaSettings, PostgresSettings, CollectorSettings, EnrichSettings, StackSettings, LogSettings)
+SECTIONS = (KafkaSettings, PostgresSettings, CollectorSettings, WorkerSettings, EnrichSettings, StackSettings, LogSettings)
 
 
 # ---------------------------------------------------------------------------

@@ -455,6 +455,24 @@ class Stack:
             health_url=f"{self.collector_url}/readyz",
         )
 
+    def worker_port(self, n: int) -> int:
+        return self.stack.worker_base_port + n
+
+    @property
+    def workers(self) -> list[Service]:
+        return [
+            Service(self.stack, f"worker-{n}",
+                    [sys.executable, "-m", "pipeline.cli", "worker", "--worker-metrics-port", str(self.worker_port(n))],
+                    health_url=f"http://127.0.0.1:{self.worker_port(n)}/healthz")
+            for n in range(self.stack.workers)
+        ]
+
+    def _all_workers(self) -> list[Service]:
+        """Workers started earlier, even if STACK_WORKERS is smaller now."""
+        names = sorted(p.stem for p in (self.stack.state_dir / "pids").glob("worker-*.pid"))
+        known = {w.name: w for w in self.workers}
+        return [known.get(n) or Service(self.stack, n, []) for n in names] or self.workers
+
     def env(self) -> dict[str, str]:
         """What the stack's own processes and its users need to reach it."""
         return {
@@ -477,29 +495,54 @@ class Stack:
         from schemas.migrate import apply_migrations
 
         asyncio.run(_migrate(self.postgres.database_url, self.pg_settings, apply_migrations))
+        if self.stack.demo_site_id:
+            asyncio.run(_seed_demo_site(self.postgres.database_url, self.stack.demo_site_id))
         if services:
-            self.collector.up(self.process_env())
+            env = self.process_env()
+            self.collector.up(env)
+            for worker in self.workers:
+                worker.up(env)
 
     def down(self) -> list[str]:
         stopped = []
-        for name, comp in (("collector", self.collector), ("kafka", self.kafka), ("postgres", self.postgres)):
+        # Producers first, then consumers (they drain their last batch), then the servers.
+        parts = [("collector", self.collector)] + [(w.name, w) for w in self._all_workers()]
+        parts += [("kafka", self.kafka), ("postgres", self.postgres)]
+        for name, comp in parts:
             if comp.down():
                 stopped.append(name)
         return stopped
 
     def status(self) -> list[dict[str, object]]:
         rows = []
-        for name, comp, where in (
+        parts = [
             ("kafka", self.kafka, self.kafka.bootstrap),
             ("postgres", self.postgres, self.postgres.database_url),
             ("collector", self.collector, self.collector_url),
-        ):
+        ] + [(w.name, w, w.health_url.rsplit("/", 1)[0] + "/metrics") for w in self.workers]
+        for name, comp, where in parts:
             running = comp.running()
             rows.append({
                 "component": name, "where": where, "running": running,
                 "healthy": running and comp.healthy(),
             })
         return rows
+
+
+async def _seed_demo_site(dsn: str, site_id: str) -> None:
+    """A site (and its owner) for the example hits; visitor_events references sites."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            if await conn.fetchval("SELECT 1 FROM public.sites WHERE id = $1", site_id):
+                return
+            owner = await conn.fetchval(
+                "INSERT INTO auth.users (id) VALUES ($1) ON CONFLICT (id) DO UPDATE SET id = EXCLUDED.id "
+                "RETURNING id", "00000000-0000-4000-8000-00000000000f")
+            await conn.execute("INSERT INTO public.sites (id, name, url, user_id) VALUES ($1, 'Demo site', "
+                               "'http://127.0.0.1', $2)", site_id, owner)
+    finally:
+        await conn.close()
 
 
 async def _migrate(dsn: str, pg: PostgresSettings, apply_migrations) -> None:

@@ -40,7 +40,12 @@ async def empty_database_url(pg_admin_url: str):
     admin = await asyncpg.connect(pg_admin_url)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
-        yield _with_db(pg_admin_url, name)
+    finally:
+        await admin.close()
+    yield _with_db(pg_admin_url, name)
+    # A new connection: some tests restart the server meanwhile.
+    admin = await asyncpg.connect(pg_admin_url)
+    try:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await admin.close()
@@ -50,3 +55,83 @@ async def empty_database_url(pg_admin_url: str):
 def unique_topic() -> str:
     """A topic name no other test uses (the broker auto-creates it on first produce)."""
     return f"test-{uuid.uuid4().hex[:12]}"
+
+
+# ---------------------------------------------------------------------------
+# A migrated database with one site, and helpers shared by the pipeline tests
+
+
+async def seed_site(conn: asyncpg.Connection, time_zone: str | None = None) -> tuple[str, str]:
+    """Insert an owner (auth.users) and a site; return (site_id, user_id)."""
+    user_id, site_id = str(uuid.uuid4()), str(uuid.uuid4())
+    await conn.execute("INSERT INTO auth.users (id) VALUES ($1)", user_id)
+    await conn.execute("INSERT INTO public.sites (id, name, url, user_id) VALUES ($1, 'Test site', "
+                       "'https://shop.example', $2)", site_id, user_id)
+    if time_zone:
+        await conn.execute("INSERT INTO pipeline.site_settings (site_id, time_zone) VALUES ($1, $2)",
+                           site_id, time_zone)
+    return site_id, user_id
+
+
+@pytest.fixture
+async def pipeline_db(empty_database_url: str):
+    """(DSN, site_id) of a migrated database holding one site."""
+    from schemas.migrate import apply_migrations
+
+    conn = await asyncpg.connect(empty_database_url)
+    try:
+        await apply_migrations(conn)
+        site_id, _ = await seed_site(conn)
+    finally:
+        await conn.close()
+    return empty_database_url, site_id
+
+
+async def create_topics(bootstrap: str, *topics: str, partitions: int = 6) -> None:
+    from pipeline.stack import _create_topics
+
+    await _create_topics(bootstrap, {t: partitions for t in topics})
+
+
+async def read_topic(bootstrap: str, topic: str, expect: int, timeout: float = 30.0) -> list:
+    """Every record of ``topic`` from the start, waiting until at least ``expect`` arrived."""
+    import asyncio
+    import time
+
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None,
+                                auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    out: list = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(out) < expect and time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            for records in batch.values():
+                out.extend(records)
+        # Anything else already there (to catch duplicates) without waiting long.
+        batch = await consumer.getmany(timeout_ms=300)
+        for records in batch.values():
+            out.extend(records)
+    finally:
+        await consumer.stop()
+    await asyncio.sleep(0)
+    return out
+
+
+async def wait_for_count(dsn: str, sql: str, expected: int, timeout: float = 60.0, *args) -> int:
+    """Poll ``sql`` (a count) until it returns ``expected`` or the deadline passes."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout
+    conn = await asyncpg.connect(dsn)
+    try:
+        while True:
+            value = await conn.fetchval(sql, *args)
+            if value == expected or time.monotonic() > deadline:
+                return value
+            await asyncio.sleep(0.2)
+    finally:
+        await conn.close()

@@ -1,0 +1,429 @@
+"""The stream worker: Kafka consumer group -> processors -> PostgreSQL sink.
+
+Per batch: decode -> validate -> enrich -> attribute -> sessionize (all pure, in
+``processors/``) -> dead letters to the DLQ topic -> one sink transaction that stores
+rows, session state and offsets together (``sinks/postgres.py``).
+
+Ownership. Offsets live in Postgres, not in Kafka. When Kafka assigns a partition,
+the worker claims it in Postgres (bumping its epoch) and seeks to the stored offset;
+every write re-checks the epoch, so a worker that lost a partition can never write
+after the new owner started. Kafka commits are made too, but only so that lag tools
+show something; nothing reads them.
+
+Backpressure. The loop is sequential: while a batch cannot be stored, consumption is
+paused and the batch is retried with backoff; memory holds one batch plus the
+consumer's bounded fetch buffer. A rebalance aborts the retry (the batch is re-read by
+whoever owns the partitions next).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import random
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from zoneinfo import ZoneInfo
+
+import asyncpg
+import orjson
+from aiohttp import web
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import KafkaError
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from pipeline.settings import EnrichSettings, KafkaSettings, PostgresSettings, WorkerSettings
+from processors import sessions as sess
+from processors.enrich import DeadLetter, Enricher
+from sinks.postgres import Batch, Fenced, PostgresSink, SinkUnavailable
+
+log = logging.getLogger("pipeline.worker")
+
+VisitorKey = tuple[str, str]
+
+
+class WorkerMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.consumed = Counter("worker_events_consumed", "Kafka records consumed", registry=r)
+        self.stored = Counter("worker_events_stored", "rows stored in visitor_events", registry=r)
+        self.duplicates = Counter("worker_events_duplicate", "events skipped as already stored", registry=r)
+        self.dead = Counter("worker_events_dead_lettered", "events sent to the dead-letter topic",
+                            ["reason"], registry=r)
+        self.batch_size = Histogram("worker_batch_size", "events per stored batch", registry=r,
+                                    buckets=(1, 10, 50, 100, 500, 1000, 2000, 5000, 10000, 20000))
+        self.copy_seconds = Histogram("worker_sink_write_seconds", "duration of one sink transaction",
+                                      registry=r, buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+        self.e2e_seconds = Histogram("worker_end_to_end_seconds", "collector receive -> committed in Postgres",
+                                     registry=r, buckets=(.05, .1, .25, .5, 1, 2, 5, 10, 30, 60, 300))
+        self.retries = Counter("worker_sink_retries", "sink attempts that failed and were retried",
+                               registry=r)
+        self.fenced = Counter("worker_batches_fenced", "batches dropped: partition owned by another worker",
+                              registry=r)
+        self.lag = Gauge("worker_consumer_lag", "records behind the partition end", ["partition"], registry=r)
+        self.assigned = Gauge("worker_partitions_assigned", "partitions this worker owns", registry=r)
+        self.sink_up = Gauge("worker_sink_available", "1 while Postgres takes writes", registry=r)
+
+
+class _Listener(ConsumerRebalanceListener):
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+
+    async def on_partitions_revoked(self, revoked) -> None:
+        await self._worker._on_revoked(list(revoked))
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        await self._worker._on_assigned(list(assigned))
+
+
+class Worker:
+    def __init__(self, worker: WorkerSettings, kafka: KafkaSettings, pg: PostgresSettings,
+                 enrich: EnrichSettings, *, owner: str | None = None) -> None:
+        self.cfg = worker
+        self.kafka = kafka
+        self.pg = pg
+        self.enricher = Enricher.from_settings(enrich, worker)
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
+        self.metrics = WorkerMetrics()
+        self._stop = asyncio.Event()
+        self._lock = asyncio.Lock()  # one batch at a time; rebalance callbacks wait for it
+        self._rebalancing = False
+        self._pending: list[ConsumerRecord] = []
+        self._states: OrderedDict[VisitorKey, sess.VisitorState] = OrderedDict()
+        self._site_tz: dict[str, ZoneInfo] = {}
+        self._site_tz_loaded = 0.0
+        self.consumer: AIOKafkaConsumer | None = None
+        self.producer: AIOKafkaProducer | None = None
+        self.pool: asyncpg.Pool | None = None
+        self.sink: PostgresSink | None = None
+        self._web: web.AppRunner | None = None
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.pool = await _retry_forever(
+            lambda: asyncpg.create_pool(self.pg.database_url, min_size=1, max_size=self.cfg.pool_size),
+            "postgres.connect", self.cfg.retry_max_s, self._stop,
+        )
+        self.sink = PostgresSink(self.pool, group_id=self.cfg.group_id, owner=self.owner)
+        self.producer = AIOKafkaProducer(bootstrap_servers=self.kafka.bootstrap, acks="all",
+                                         enable_idempotence=True, linger_ms=5)
+        await self.producer.start()
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.kafka.bootstrap, group_id=self.cfg.group_id,
+            enable_auto_commit=False, auto_offset_reset="earliest",
+            max_poll_records=self.cfg.batch_rows,
+            # A batch may wait for Postgres for a while; stay in the group meanwhile.
+            max_poll_interval_ms=600_000, session_timeout_ms=20_000, heartbeat_interval_ms=3_000,
+            rebalance_timeout_ms=60_000,
+        )
+        self.consumer.subscribe([self.kafka.events_topic], listener=_Listener(self))
+        await self.consumer.start()
+        if self.cfg.metrics_port:
+            await self._start_http()
+        log.info("worker.started", extra={"owner": self.owner, "topic": self.kafka.events_topic,
+                                          "group": self.cfg.group_id})
+
+    def stop_nowait(self) -> None:
+        """Ask the loop to finish its batch and exit (signal-handler safe)."""
+        self._stop.set()
+
+    async def close(self) -> None:
+        async with self._lock:
+            if self._pending:
+                await self._flush(deadline=time.monotonic() + 10)
+        for closer in (self.consumer and self.consumer.stop, self.producer and self.producer.stop,
+                       self.pool and self.pool.close, self._web and self._web.cleanup):
+            if closer:
+                try:
+                    await closer()
+                except Exception:  # closing is best effort; the data is safe either way
+                    log.exception("worker.close_failed")
+        log.info("worker.stopped", extra={"owner": self.owner})
+
+    async def run(self) -> None:
+        await self.start()
+        try:
+            while not self._stop.is_set():
+                await self._collect()
+                async with self._lock:
+                    if self._pending:
+                        await self._flush()
+        finally:
+            await self.close()
+
+    # -- consuming -------------------------------------------------------------
+
+    async def _collect(self) -> None:
+        """Fill ``_pending`` until the batch is full or old enough (or a stop)."""
+        assert self.consumer is not None
+        first = time.monotonic() if self._pending else None
+        while not self._stop.is_set() and len(self._pending) < self.cfg.batch_rows:
+            if first is None:
+                timeout_ms = self.cfg.batch_ms
+            else:
+                timeout_ms = int((first + self.cfg.batch_ms / 1000 - time.monotonic()) * 1000)
+                if timeout_ms <= 0:
+                    return
+            data = await self.consumer.getmany(timeout_ms=timeout_ms,
+                                               max_records=self.cfg.batch_rows - len(self._pending))
+            for tp, records in data.items():
+                if self.sink and self.sink.owns(tp.topic, tp.partition):
+                    self._pending.extend(records)
+                    self.metrics.consumed.inc(len(records))
+            if self._pending and first is None:
+                first = time.monotonic()
+
+    async def _flush(self, deadline: float | None = None) -> None:
+        """Process and store ``_pending``; retry while Postgres is unavailable."""
+        assert self.sink is not None and self.consumer is not None
+        records, self._pending = self._pending, []
+        batch, row_index, dead, received = await self._process(records)
+        await self._dead_letter(dead, records)
+        delay = 0.2
+        paused = False
+        try:
+            while True:
+                started = time.monotonic()
+                try:
+                    result = await self.sink.write(batch, on_rejected=lambda rej: self._dead_letter(
+                        [DeadLetter(row_index[i], "store_failed", reason) for i, reason in rej], records))
+                except Fenced as exc:
+                    self.metrics.fenced.inc()
+                    self._states.clear()
+                    log.warning("worker.fenced", extra={"detail": str(exc)})
+                    return
+                except SinkUnavailable as exc:
+                    self.metrics.sink_up.set(0)
+                    self.metrics.retries.inc()
+                    if self._rebalancing or self._stop.is_set() or (deadline and time.monotonic() > deadline):
+                        # Not stored, offsets not advanced: the batch is read again later.
+                        self._states.clear()
+                        log.warning("worker.batch_abandoned", extra={"events": len(records), "detail": str(exc)})
+                        return
+                    if not paused:
+                        self.consumer.pause(*self.consumer.assignment())
+                        paused = True
+                    log.warning("worker.sink_unavailable", extra={"retry_in_s": round(delay, 2), "detail": str(exc)})
+                    await asyncio.sleep(delay * (0.5 + random.random()))
+                    delay = min(delay * 2, self.cfg.retry_max_s)
+                    continue
+                break
+        finally:
+            if paused:
+                self.consumer.resume(*self.consumer.assignment())
+        now = time.time()
+        self.metrics.sink_up.set(1)
+        self.metrics.copy_seconds.observe(time.monotonic() - started)
+        self.metrics.batch_size.observe(len(records))
+        self.metrics.stored.inc(result.stored)
+        self.metrics.duplicates.inc(result.duplicates)
+        for t in received:
+            self.metrics.e2e_seconds.observe(max(0.0, now - t / 1000))
+        self._informative_commit(batch.offsets)
+        await self._update_lag()
+
+    async def _process(self, records: list[ConsumerRecord]):
+        """Pure stages around the I/O they need: session state and site time zones."""
+        decoded, dead = self.enricher.decode([r.value for r in records])
+        keys = {self.enricher.visitor_key(env) for _, env in decoded}
+        states = await self._load_states(keys)
+        await self._refresh_site_tz()
+        out = self.enricher.build(decoded, states, self._site_tz)
+        dead.extend(out.dead)
+        for key, state in out.states.items():
+            self._remember(key, state)
+        offsets: dict[tuple[str, int], int] = {}
+        for r in records:
+            k = (r.topic, r.partition)
+            offsets[k] = max(offsets.get(k, 0), r.offset + 1)
+        sessions = [(k[0], k[1], orjson.dumps(sess.state_to_json(s)).decode()) for k, s in out.states.items()]
+        # out.row_index maps each row back to its record, for dead letters of refused rows.
+        return Batch(rows=out.rows, offsets=offsets, sessions=sessions), out.row_index, dead, out.received_at
+
+    # -- dead letters -----------------------------------------------------------
+
+    async def _dead_letter(self, dead: list[DeadLetter], records: list[ConsumerRecord]) -> None:
+        """Publish dead letters and wait for Kafka's ack (before the offsets move)."""
+        if not dead:
+            return
+        assert self.producer is not None
+        futures = []
+        for d in dead:
+            r = records[d.index]
+            doc = {
+                "reason": d.reason, "detail": d.detail, "failed_at": int(time.time() * 1000),
+                "worker": self.owner,
+                "source": {"topic": r.topic, "partition": r.partition, "offset": r.offset,
+                           "timestamp": r.timestamp},
+                "key": r.key.decode(errors="replace") if r.key is not None else None,
+                **_dlq_value(r.value),
+            }
+            futures.append(await self.producer.send(self.kafka.dlq_topic, orjson.dumps(doc), key=r.key))
+            self.metrics.dead.labels(d.reason).inc()
+        await asyncio.gather(*futures)
+        log.info("worker.dead_lettered", extra={"events": len(dead),
+                                                 "reasons": sorted({d.reason for d in dead})})
+
+    # -- state -----------------------------------------------------------------
+
+    async def _load_states(self, keys: Iterable[VisitorKey]) -> dict[VisitorKey, sess.VisitorState]:
+        out: dict[VisitorKey, sess.VisitorState] = {}
+        missing = []
+        for k in keys:
+            if k in self._states:
+                self._states.move_to_end(k)
+                out[k] = self._states[k]
+            else:
+                missing.append(k)
+        if missing:
+            assert self.pool is not None
+            rows = await _retry_forever(
+                lambda: self.pool.fetch(
+                    "SELECT site_id::text, visitor_id, state FROM pipeline.visitor_sessions "
+                    "WHERE (site_id, visitor_id) IN (SELECT * FROM unnest($1::uuid[], $2::text[]))",
+                    [k[0] for k in missing], [k[1] for k in missing]),
+                "postgres.load_sessions", self.cfg.retry_max_s, self._stop,
+            )
+            for row in rows:
+                out[(row["site_id"], row["visitor_id"])] = sess.state_from_json(orjson.loads(row["state"]))
+        return out
+
+    def _remember(self, key: VisitorKey, state: sess.VisitorState) -> None:
+        self._states[key] = state
+        self._states.move_to_end(key)
+        while len(self._states) > self.cfg.session_cache_visitors:
+            self._states.popitem(last=False)
+
+    async def _refresh_site_tz(self) -> None:
+        if time.monotonic() - self._site_tz_loaded < 60:
+            return
+        assert self.pool is not None
+        try:
+            rows = await self.pool.fetch("SELECT site_id::text, time_zone FROM pipeline.site_settings")
+        except (asyncpg.PostgresError, OSError) as exc:
+            log.warning("worker.site_tz_unavailable", extra={"detail": str(exc)})
+            return
+        tz = {}
+        for r in rows:
+            try:
+                tz[r["site_id"]] = ZoneInfo(r["time_zone"])
+            except (KeyError, ValueError):
+                log.warning("worker.bad_time_zone", extra={"site_id": r["site_id"], "tz": r["time_zone"]})
+        self._site_tz = tz
+        self._site_tz_loaded = time.monotonic()
+
+    # -- rebalancing -----------------------------------------------------------
+
+    async def _on_revoked(self, revoked: list[TopicPartition]) -> None:
+        self._rebalancing = True
+        try:
+            async with self._lock:
+                # Still the owner: store what was read, but do not hold up the group for long.
+                if self._pending:
+                    await self._flush(deadline=time.monotonic() + 5)
+                self._pending = []
+                assert self.sink is not None
+                for tp in revoked:
+                    self.sink.release(tp.topic, [tp.partition])
+                    try:
+                        self.metrics.lag.remove(str(tp.partition))
+                    except KeyError:
+                        pass
+                self._states.clear()
+        finally:
+            self._rebalancing = False
+        log.info("worker.revoked", extra={"partitions": sorted(tp.partition for tp in revoked)})
+
+    async def _on_assigned(self, assigned: list[TopicPartition]) -> None:
+        assert self.sink is not None and self.consumer is not None
+        async with self._lock:
+            self._pending = [r for r in self._pending
+                             if TopicPartition(r.topic, r.partition) not in set(assigned)]
+            by_topic: dict[str, list[int]] = {}
+            for tp in assigned:
+                by_topic.setdefault(tp.topic, []).append(tp.partition)
+            for topic, parts in by_topic.items():
+                resume = await _retry_forever(lambda: self.sink.claim(topic, parts), "postgres.claim",
+                                              self.cfg.retry_max_s, self._stop)
+                for p, offset in resume.items():
+                    tp = TopicPartition(topic, p)
+                    if offset is None:
+                        await self.consumer.seek_to_beginning(tp)
+                    else:
+                        self.consumer.seek(tp, offset)
+            self.metrics.assigned.set(len(self.consumer.assignment()))
+        log.info("worker.assigned", extra={"partitions": sorted(tp.partition for tp in assigned)})
+
+    def _informative_commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        assert self.consumer is not None
+        tps = {TopicPartition(t, p): o for (t, p), o in offsets.items()
+               if TopicPartition(t, p) in self.consumer.assignment()}
+        if not tps:
+            return
+
+        async def commit() -> None:
+            try:
+                await self.consumer.commit(tps)
+            except KafkaError:
+                pass  # informative only; the offsets that count are in Postgres
+
+        asyncio.ensure_future(commit())
+
+    async def _update_lag(self) -> None:
+        assert self.consumer is not None
+        for tp in self.consumer.assignment():
+            high = self.consumer.highwater(tp)
+            if high is None:
+                continue
+            try:
+                pos = await self.consumer.position(tp)
+            except KafkaError:
+                continue
+            self.metrics.lag.labels(str(tp.partition)).set(max(0, high - pos))
+
+    # -- HTTP ------------------------------------------------------------------
+
+    async def _start_http(self) -> None:
+        async def healthz(_: web.Request) -> web.Response:
+            return web.json_response({"ok": True, "owner": self.owner})
+
+        async def metrics(_: web.Request) -> web.Response:
+            return web.Response(body=generate_latest(self.metrics.registry),
+                                headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        app = web.Application()
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/metrics", metrics)
+        self._web = web.AppRunner(app, access_log=None)
+        await self._web.setup()
+        await web.TCPSite(self._web, self.cfg.metrics_host, self.cfg.metrics_port).start()
+
+
+def _dlq_value(value: bytes | None) -> dict[str, str | None]:
+    """The original record value, readable when it is text, byte-exact for replay."""
+    if value is None:
+        return {"value": None}
+    try:
+        return {"value": value.decode()}
+    except UnicodeDecodeError:
+        return {"value": None, "value_b64": base64.b64encode(value).decode()}
+
+
+async def _retry_forever(make, what: str, max_delay: float, stop: asyncio.Event):
+    delay = 0.2
+    while True:
+        try:
+            return await make()
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            if stop.is_set():
+                raise
+            log.warning("worker.retry", extra={"what": what, "retry_in_s": round(delay, 2), "detail": str(exc)})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max_delay)

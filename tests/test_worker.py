@@ -1,0 +1,234 @@
+"""Stream worker end to end, in process: collector -> real Kafka -> worker -> real PostgreSQL.
+
+Crash, rebalance and outage tests (separate processes) are in test_worker_faults.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import uuid
+
+import aiohttp
+import asyncpg
+import orjson
+import pytest
+from aiohttp.test_utils import TestServer
+from aiokafka import AIOKafkaProducer
+
+from conftest import create_topics, read_topic, wait_for_count
+from ingest.app import create_app
+from pipeline import dlq
+from pipeline.settings import CollectorSettings, EnrichSettings, KafkaSettings, PostgresSettings, WorkerSettings
+from pipeline.worker import Worker
+
+IPHONE = ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15 "
+          "(KHTML, like Gecko) Version/17.4 Mobile/15E148 Safari/604.1")
+DESKTOP = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+           "Chrome/131.0.0.0 Safari/537.36")
+
+
+@pytest.fixture
+async def topics(kafka_bootstrap):
+    events, dead = f"test-ev-{uuid.uuid4().hex[:8]}", f"test-dlq-{uuid.uuid4().hex[:8]}"
+    await create_topics(kafka_bootstrap, events, partitions=6)
+    await create_topics(kafka_bootstrap, dead, partitions=1)
+    return KafkaSettings(bootstrap=kafka_bootstrap, events_topic=events, dlq_topic=dead)
+
+
+@contextlib.asynccontextmanager
+async def collector(kafka: KafkaSettings):
+    settings = CollectorSettings(trusted_proxies=[ipaddress.ip_network("127.0.0.1/32")])
+    server = TestServer(create_app(settings, kafka))
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession(base_url=str(server.make_url(""))) as http:
+            yield http
+    finally:
+        await server.close()
+
+
+@contextlib.asynccontextmanager
+async def worker(kafka: KafkaSettings, dsn: str, **overrides):
+    settings = WorkerSettings(**{"group_id": f"g-{kafka.events_topic}", "metrics_port": 0, "batch_ms": 100,
+                                 **overrides})
+    w = Worker(settings, kafka, PostgresSettings(database_url=dsn), EnrichSettings())
+    task = asyncio.create_task(w.run())
+    try:
+        yield w
+    finally:
+        w.stop_nowait()
+        await asyncio.wait_for(task, 30)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def fetch(dsn: str, sql: str, *args):
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetch(sql, *args)
+    finally:
+        await conn.close()
+
+
+async def test_pixel_and_beacon_become_enriched_rows(topics, pipeline_db):
+    dsn, site = pipeline_db
+    async with collector(topics) as http, worker(topics, dsn):
+        r = await http.get("/t.gif", params={"site_id": site, "visitor_id": "v-london",
+                                              "page_url": "https://shop.example/?utm_source=news"},
+                           headers={"X-Forwarded-For": "81.2.69.142", "User-Agent": IPHONE,
+                                    "Accept-Language": "en-GB,en;q=0.8"})
+        assert r.status == 200
+        r = await http.post("/collect", data=orjson.dumps({"batch": [
+            {"site_id": site, "visitor_id": "v-london", "event_type": "click", "page_url": "https://shop.example/a",
+             "referrer_url": "https://shop.example/", "custom_data": {"button": "buy"}},
+            {"site_id": site, "visitor_id": "v-london", "event_type": "duration", "duration_seconds": 42,
+             "session_id": "client-s1"},
+        ]}), headers={"Content-Type": "text/plain", "X-Forwarded-For": "81.2.69.142", "User-Agent": IPHONE})
+        assert r.status == 204
+        r = await http.get("/t.gif", params={"site_id": site, "visitor_id": "v-desk"},
+                           headers={"X-Forwarded-For": "2001:db8:1234:5678::1", "User-Agent": DESKTOP})
+        assert r.status == 200
+        assert await wait_for_count(dsn, "SELECT count(*) FROM visitor_events", 4) == 4
+
+    rows = {(r["visitor_id"], r["event_type"]): r for r in await fetch(dsn, "SELECT * FROM visitor_events")}
+    pv = rows[("v-london", "pageview")]
+    assert (pv["country"], pv["region"], pv["city"]) == ("GB", "England", "London")
+    loc = orjson.loads(pv["location"])
+    assert loc["latitude"] == pytest.approx(51.5142) and loc["time_zone"] == "Europe/London"
+    assert pv["ip_address"] == "81.2.69.0"  # anonymised by default
+    assert pv["device_type"] == "mobile"
+    custom = orjson.loads(pv["custom_data"])
+    assert custom["$browser"]["family"].startswith("Mobile Safari") and custom["$lang"] == "en-gb"
+    assert str(pv["site_id"]) == site and pv["user_agent"] == IPHONE
+    # One visitor, one session: internal navigation does not split it.
+    london = [r for k, r in rows.items() if k[0] == "v-london"]
+    assert len({r["session_id"] for r in london}) == 1
+    assert str(uuid.UUID(pv["session_id"])) == pv["session_id"]
+    click = rows[("v-london", "click")]
+    assert orjson.loads(click["custom_data"])["button"] == "buy"
+    duration = rows[("v-london", "duration")]
+    assert duration["duration_seconds"] == 42
+    assert orjson.loads(duration["custom_data"])["$client_session_id"] == "client-s1"
+    desk = rows[("v-desk", "pageview")]
+    assert desk["device_type"] == "desktop" and desk["ip_address"] == "2001:db8:1234::"
+    assert desk["country"] is None and desk["location"] is None  # documentation range: unknown
+    # created_at is the event id's UUIDv7 time.
+    for r in rows.values():
+        assert r["id"].version == 7
+        assert abs(int(r["id"].hex[:12], 16) - r["created_at"].timestamp() * 1000) < 1
+
+
+async def test_client_retry_with_same_event_id_is_stored_once(topics, pipeline_db):
+    dsn, site = pipeline_db
+    ids = [str(uuid.uuid4()) for _ in range(5)]
+    batch = {"batch": [{"site_id": site, "visitor_id": "v-retry", "event_id": i, "client_ts": 1795700000000 + n}
+                       for n, i in enumerate(ids)]}
+    async with collector(topics) as http, worker(topics, dsn):
+        for _ in range(3):  # the snippet retries after a lost answer
+            r = await http.post("/collect", json=batch)
+            assert r.status == 204
+        await read_topic(topics.bootstrap, topics.events_topic, 15)
+        assert await wait_for_count(dsn, "SELECT count(*) FROM visitor_events", 5) == 5
+        await asyncio.sleep(1.0)  # let the two retries' batches be processed too
+    rows = await fetch(dsn, "SELECT id::text AS id, count(*) AS n FROM visitor_events GROUP BY 1")
+    assert sorted(r["id"] for r in rows) == sorted(ids) and all(r["n"] == 1 for r in rows)
+
+
+async def test_poison_messages_are_dead_lettered_neighbours_stored_and_replay_works(topics, pipeline_db):
+    dsn, site = pipeline_db
+    missing_lead = str(uuid.uuid4())
+    good = {"site_id": site, "visitor_id": "v-ok"}
+
+    def envelope(event: dict, ua: str | None = "curl/8") -> bytes:
+        return orjson.dumps({"v": 1, "id": str(uuid.uuid4()), "received_at": 1795716000000, "ip": "81.2.69.142",
+                             "ua": ua, "hints": {}, "source": "beacon", "event": {"event_type": "pageview", **event}})
+
+    poison = [
+        (b"\x00\xff not json", "decode_error"),
+        (orjson.dumps({"v": 99}), "invalid_envelope"),
+        (envelope({"site_id": site, "visitor_id": "v-bad", "page_url": "a\u0000b"}), "invalid_envelope"),
+        (envelope({"site_id": site, "visitor_id": "v-lead", "lead_id": missing_lead}), "store_failed"),
+        (envelope({"site_id": str(uuid.uuid4()), "visitor_id": "v-nosite"}), "store_failed"),
+        # A lone surrogate (valid JSON escape, not encodable as UTF-8 text).
+        (envelope({**good, "event_type": "surrogate"}, ua="UA").replace(b'"ua":"UA"', b'"ua":"x\\udc80y"'),
+         "decode_error"),
+    ]
+    producer = AIOKafkaProducer(bootstrap_servers=topics.bootstrap, acks="all")
+    await producer.start()
+    try:
+        for n in range(3):
+            await producer.send_and_wait(topics.events_topic, envelope({**good, "event_type": f"ok{n}"}), key=b"k")
+        for value, _ in poison:
+            await producer.send_and_wait(topics.events_topic, value, key=b"k")
+        for n in range(3, 6):
+            await producer.send_and_wait(topics.events_topic, envelope({**good, "event_type": f"ok{n}"}), key=b"k")
+    finally:
+        await producer.stop()
+
+    async with worker(topics, dsn):
+        assert await wait_for_count(dsn, "SELECT count(*) FROM visitor_events", 6) == 6
+        letters = await read_topic(topics.bootstrap, topics.dlq_topic, len(poison))
+    docs = [orjson.loads(r.value) for r in letters]
+    assert sorted(d["reason"] for d in docs) == sorted(reason for _, reason in poison)
+    offsets = sorted(d["source"]["offset"] for d in docs)
+    assert offsets == [3, 4, 5, 6, 7, 8]  # their place in the partition, for inspection
+    assert all(d["source"]["topic"] == topics.events_topic for d in docs)
+    lead_letter = next(d for d in docs if missing_lead in (d.get("value") or ""))
+    assert "23503" in lead_letter["detail"]  # foreign key violation, named
+    binary = next(d for d in docs if d["source"]["offset"] == 3)
+    assert dlq.original_value(binary) == b"\x00\xff not json"
+
+    # The fix: the lead now exists. Replay re-feeds the dead letters; only it can succeed.
+    conn = await asyncpg.connect(dsn)
+    await conn.execute("INSERT INTO public.leads (id, site_id, email) VALUES ($1, $2, 'a@b.c')", missing_lead, site)
+    await conn.close()
+    counts = await dlq.replay(topics, reasons={"store_failed"})
+    assert counts == {"seen": 6, "replayed": 2, "skipped": 4}
+    async with worker(topics, dsn):
+        assert await wait_for_count(dsn, "SELECT count(*) FROM visitor_events", 7) == 7
+        rows = await fetch(dsn, "SELECT lead_id::text FROM visitor_events WHERE visitor_id = 'v-lead'")
+        assert [r["lead_id"] for r in rows] == [missing_lead]
+        # The still-unknown site went back to the dead-letter topic.
+        letters = await read_topic(topics.bootstrap, topics.dlq_topic, 7)
+        assert len(letters) == 7
+
+
+async def test_offsets_and_sessions_are_stored_with_the_rows(topics, pipeline_db):
+    dsn, site = pipeline_db
+    async with collector(topics) as http:
+        for n in range(10):
+            r = await http.get("/t.gif", params={"site_id": site, "visitor_id": f"v{n % 3}"})
+            assert r.status == 200
+    port = _free_port()
+    async with worker(topics, dsn, metrics_port=port):
+        assert await wait_for_count(dsn, "SELECT count(*) FROM visitor_events", 10) == 10
+        assert await wait_for_count(dsn, "SELECT count(*) FROM pipeline.visitor_sessions", 3) == 3
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
+                text = await r.text()
+            async with http.get(f"http://127.0.0.1:{port}/healthz") as r:
+                assert r.status == 200
+    metrics = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+               if line and not line.startswith("#")}
+    assert metrics["worker_events_consumed_total"] == 10
+    assert metrics["worker_events_stored_total"] == 10
+    assert metrics["worker_partitions_assigned"] == 6
+    assert metrics["worker_end_to_end_seconds_count"] == 10
+    assert metrics["worker_sink_write_seconds_count"] >= 1
+    assert sum(v for k, v in metrics.items() if k.startswith("worker_consumer_lag")) == 0
+    offsets = await fetch(dsn, "SELECT partition, next_offset, epoch FROM pipeline.consumer_offsets "
+                               "WHERE topic = $1", topics.events_topic)
+    assert sum(max(r["next_offset"], 0) for r in offsets) == 10
+    assert len(offsets) == 6 and all(r["epoch"] >= 1 for r in offsets)
+    # A restarted worker resumes from the stored offsets: nothing is stored twice.
+    async with worker(topics, dsn):
+        await asyncio.sleep(2)
+    assert await wait_for_count(dsn, "SELECT count(*) FROM visitor_events", 10, 1) == 10
