@@ -27,6 +27,7 @@ import socket
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
 import asyncpg
@@ -71,6 +72,16 @@ class WorkerMetrics:
         self.sink_up = Gauge("worker_sink_available", "1 while Postgres takes writes", registry=r)
 
 
+@dataclass
+class Prepared:
+    """A processed batch, ready for the sink."""
+
+    batch: Batch
+    records: list[ConsumerRecord]
+    row_index: list[int]  # record position of each row (for dead letters of refused rows)
+    received_at: list[int]  # collector receive times (ms), for the end-to-end metric
+
+
 class _Listener(ConsumerRebalanceListener):
     def __init__(self, worker: Worker) -> None:
         self._worker = worker
@@ -95,6 +106,8 @@ class Worker:
         self._lock = asyncio.Lock()  # one batch at a time; rebalance callbacks wait for it
         self._rebalancing = False
         self._pending: list[ConsumerRecord] = []
+        self._inflight: asyncio.Task[bool] | None = None  # the batch being written
+        self._deadline: float | None = None  # give up retrying the write after this
         self._states: OrderedDict[VisitorKey, sess.VisitorState] = OrderedDict()
         self._site_tz: dict[str, ZoneInfo] = {}
         self._site_tz_loaded = 0.0
@@ -136,8 +149,7 @@ class Worker:
 
     async def close(self) -> None:
         async with self._lock:
-            if self._pending:
-                await self._flush(deadline=time.monotonic() + 10)
+            await self._flush(deadline=time.monotonic() + 10)
         for closer in (self.consumer and self.consumer.stop, self.producer and self.producer.stop,
                        self.pool and self.pool.close, self._web and self._web.cleanup):
             if closer:
@@ -153,8 +165,7 @@ class Worker:
             while not self._stop.is_set():
                 await self._collect()
                 async with self._lock:
-                    if self._pending:
-                        await self._flush()
+                    await self._flush_pipelined()
         finally:
             await self.close()
 
@@ -181,56 +192,39 @@ class Worker:
                 first = time.monotonic()
 
     async def _flush(self, deadline: float | None = None) -> None:
-        """Process and store ``_pending``; retry while Postgres is unavailable."""
-        assert self.sink is not None and self.consumer is not None
-        records, self._pending = self._pending, []
-        batch, row_index, dead, received = await self._process(records)
-        await self._dead_letter(dead, records)
-        delay = 0.2
-        paused = False
-        try:
-            while True:
-                started = time.monotonic()
-                try:
-                    result = await self.sink.write(batch, on_rejected=lambda rej: self._dead_letter(
-                        [DeadLetter(row_index[i], "store_failed", reason) for i, reason in rej], records))
-                except Fenced as exc:
-                    self.metrics.fenced.inc()
-                    self._states.clear()
-                    log.warning("worker.fenced", extra={"detail": str(exc)})
-                    return
-                except SinkUnavailable as exc:
-                    self.metrics.sink_up.set(0)
-                    self.metrics.retries.inc()
-                    if self._rebalancing or self._stop.is_set() or (deadline and time.monotonic() > deadline):
-                        # Not stored, offsets not advanced: the batch is read again later.
-                        self._states.clear()
-                        log.warning("worker.batch_abandoned", extra={"events": len(records), "detail": str(exc)})
-                        return
-                    if not paused:
-                        self.consumer.pause(*self.consumer.assignment())
-                        paused = True
-                    log.warning("worker.sink_unavailable", extra={"retry_in_s": round(delay, 2), "detail": str(exc)})
-                    await asyncio.sleep(delay * (0.5 + random.random()))
-                    delay = min(delay * 2, self.cfg.retry_max_s)
-                    continue
-                break
-        finally:
-            if paused:
-                self.consumer.resume(*self.consumer.assignment())
-        now = time.time()
-        self.metrics.sink_up.set(1)
-        self.metrics.copy_seconds.observe(time.monotonic() - started)
-        self.metrics.batch_size.observe(len(records))
-        self.metrics.stored.inc(result.stored)
-        self.metrics.duplicates.inc(result.duplicates)
-        for t in received:
-            self.metrics.e2e_seconds.observe(max(0.0, now - t / 1000))
-        self._informative_commit(batch.offsets)
-        await self._update_lag()
+        """Prepare ``_pending`` and store it after the batch in flight; wait for both."""
+        await self._flush_pipelined()
+        await self._drain(deadline)
 
-    async def _process(self, records: list[ConsumerRecord]):
-        """Pure stages around the I/O they need: session state and site time zones."""
+    async def _flush_pipelined(self) -> None:
+        """Prepare ``_pending`` (CPU) while the previous batch is being written (I/O),
+        then start its write. Writes stay in order: one in flight at a time."""
+        if not self._pending:
+            return
+        records, self._pending = self._pending, []
+        prepared = await self._prepare(records)
+        if not await self._drain():
+            # The previous batch was not stored; this one was built on its session state
+            # and its offsets follow it: drop it too, it is read again.
+            self._states.clear()
+            return
+        self._inflight = asyncio.create_task(self._store(prepared))
+
+    async def _drain(self, deadline: float | None = None) -> bool:
+        """Wait for the batch in flight; True when it was stored (or there was none)."""
+        task, self._inflight = self._inflight, None
+        if task is None:
+            return True
+        if deadline is not None:
+            self._deadline = deadline
+        try:
+            return await task
+        finally:
+            self._deadline = None
+
+    async def _prepare(self, records: list[ConsumerRecord]) -> Prepared:
+        """Pure stages around the I/O they need (session state, site time zones), then
+        the dead letters they produced are published (before any offset moves)."""
         decoded, dead = self.enricher.decode([r.value for r in records])
         keys = {self.enricher.visitor_key(env) for _, env in decoded}
         states = await self._load_states(keys)
@@ -244,8 +238,59 @@ class Worker:
             k = (r.topic, r.partition)
             offsets[k] = max(offsets.get(k, 0), r.offset + 1)
         sessions = [(k[0], k[1], orjson.dumps(sess.state_to_json(s)).decode()) for k, s in out.states.items()]
-        # out.row_index maps each row back to its record, for dead letters of refused rows.
-        return Batch(rows=out.rows, offsets=offsets, sessions=sessions), out.row_index, dead, out.received_at
+        await self._dead_letter(dead, records)
+        return Prepared(Batch(rows=out.rows, offsets=offsets, sessions=sessions), records, out.row_index,
+                        out.received_at)
+
+    async def _store(self, p: Prepared) -> bool:
+        """Write one batch; retry while Postgres is unavailable. False: not stored."""
+        assert self.sink is not None and self.consumer is not None
+        delay = 0.2
+        paused = False
+
+        async def rejected(rows: list[tuple[int, str]]) -> None:
+            await self._dead_letter([DeadLetter(p.row_index[i], "store_failed", why) for i, why in rows], p.records)
+
+        try:
+            while True:
+                started = time.monotonic()
+                try:
+                    result = await self.sink.write(p.batch, on_rejected=rejected)
+                    break
+                except Fenced as exc:
+                    self.metrics.fenced.inc()
+                    self._states.clear()
+                    log.warning("worker.fenced", extra={"detail": str(exc)})
+                    return False
+                except SinkUnavailable as exc:
+                    self.metrics.sink_up.set(0)
+                    self.metrics.retries.inc()
+                    if (self._rebalancing or self._stop.is_set()
+                            or (self._deadline and time.monotonic() > self._deadline)):
+                        # Not stored, offsets not advanced: the batch is read again later.
+                        self._states.clear()
+                        log.warning("worker.batch_abandoned", extra={"events": len(p.records), "detail": str(exc)})
+                        return False
+                    if not paused:
+                        self.consumer.pause(*self.consumer.assignment())
+                        paused = True
+                    log.warning("worker.sink_unavailable", extra={"retry_in_s": round(delay, 2), "detail": str(exc)})
+                    await asyncio.sleep(delay * (0.5 + random.random()))
+                    delay = min(delay * 2, self.cfg.retry_max_s)
+        finally:
+            if paused:
+                self.consumer.resume(*self.consumer.assignment())
+        now = time.time()
+        self.metrics.sink_up.set(1)
+        self.metrics.copy_seconds.observe(time.monotonic() - started)
+        self.metrics.batch_size.observe(len(p.records))
+        self.metrics.stored.inc(result.stored)
+        self.metrics.duplicates.inc(result.duplicates)
+        for t in p.received_at:
+            self.metrics.e2e_seconds.observe(max(0.0, now - t / 1000))
+        self._informative_commit(p.batch.offsets)
+        await self._update_lag()
+        return True
 
     # -- dead letters -----------------------------------------------------------
 
@@ -326,8 +371,7 @@ class Worker:
         try:
             async with self._lock:
                 # Still the owner: store what was read, but do not hold up the group for long.
-                if self._pending:
-                    await self._flush(deadline=time.monotonic() + 5)
+                await self._flush(deadline=time.monotonic() + 5)
                 self._pending = []
                 assert self.sink is not None
                 for tp in revoked:
