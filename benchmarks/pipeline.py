@@ -37,7 +37,8 @@ import orjson  # noqa: E402
 import uuid_utils  # noqa: E402
 
 from pipeline import settings as cfg  # noqa: E402
-from pipeline.stack import Kafka, Postgres, _create_topics  # noqa: E402
+from pipeline.stack import Kafka, Postgres  # noqa: E402
+from pipeline.topics import create_topics  # noqa: E402
 
 UAS = [
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36",
@@ -215,7 +216,7 @@ def latencies(acked_at: list[tuple[float, int]], seen_at: list[tuple[float, int]
 
 async def bench_end_to_end(kafka: Kafka, dsn: str, site: str, args) -> dict[str, float]:
     topic = f"bench-e2e-{uuid.uuid4().hex[:8]}"
-    await _create_topics(kafka.bootstrap, {topic: 6, topic + "-dlq": 1})
+    await create_topics(kafka.bootstrap, {topic: 6, topic + "-dlq": 1})
     port = free_port()
     env = dict(os.environ, LOG_LEVEL="WARNING", KAFKA_BOOTSTRAP=kafka.bootstrap, EVENTS_TOPIC=topic,
                DLQ_TOPIC=topic + "-dlq", DATABASE_URL=dsn, COLLECTOR_PORT=str(port),

@@ -18,13 +18,11 @@ the dead-letter topic.
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable
-
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from pipeline.settings import KafkaSettings
+from pipeline.topics import topic_partitions
 
 
 def original_value(letter: dict) -> bytes | None:
@@ -41,7 +39,7 @@ async def read_all(kafka: KafkaSettings, topic: str | None = None):
     consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id=None, enable_auto_commit=False)
     await consumer.start()
     try:
-        parts = [TopicPartition(topic, p) for p in sorted(await _partitions(kafka.bootstrap, topic))]
+        parts = await topic_partitions(kafka.bootstrap, topic)
         if not parts:
             return
         consumer.assign(parts)
@@ -63,16 +61,6 @@ async def read_all(kafka: KafkaSettings, topic: str | None = None):
                     remaining.discard(tp)
     finally:
         await consumer.stop()
-
-
-async def _partitions(bootstrap: str, topic: str) -> Iterable[int]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        (info,) = await admin.describe_topics([topic])
-    finally:
-        await admin.close()
-    return [p["partition"] for p in info.get("partitions", ())]
 
 
 async def replay(kafka: KafkaSettings, *, reasons: set[str] | None = None, since_ms: int | None = None,

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import asyncpg
 
+from pipeline.topics import TopicError, create_topics
 from pipeline.settings import PROJECT_ROOT, CollectorSettings, KafkaSettings, PostgresSettings, StackSettings
 
 log = logging.getLogger("pipeline.stack")
@@ -236,39 +237,16 @@ class Kafka:
         self.ensure_topics()
 
     def ensure_topics(self) -> None:
-        asyncio.run(_create_topics(self.bootstrap, {
-            self.kafka.events_topic: self.kafka.events_partitions,
-            self.kafka.dlq_topic: 1,
-        }))
+        try:
+            asyncio.run(create_topics(self.bootstrap, {
+                self.kafka.events_topic: self.kafka.events_partitions,
+                self.kafka.dlq_topic: 1,
+            }))
+        except TopicError as exc:
+            raise StackError(str(exc)) from exc
 
     def down(self) -> bool:
         return _stop_pid(self.pid_file, "kafka", timeout=60)
-
-
-async def _create_topics(bootstrap: str, topics: dict[str, int], timeout: float = 60.0) -> None:
-    """Create topics (idempotent); retries until the broker serves metadata."""
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-    from aiokafka.errors import KafkaError, TopicAlreadyExistsError
-
-    deadline = time.monotonic() + timeout
-    while True:
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
-        try:
-            await admin.start()
-            existing = set(await admin.list_topics())
-            missing = [NewTopic(t, n, 1) for t, n in topics.items() if t not in existing]
-            if missing:
-                resp = await admin.create_topics(missing)
-                for _, code, *_ in getattr(resp, "topic_errors", []):
-                    if code not in (0, TopicAlreadyExistsError.errno):
-                        raise KafkaError(f"create_topics error code {code}")
-            return
-        except (KafkaError, OSError) as exc:
-            if time.monotonic() > deadline:
-                raise StackError(f"Kafka at {bootstrap} did not accept topics: {exc!r}") from exc
-            await asyncio.sleep(0.5)
-        finally:
-            await admin.close()
 
 
 # ---------------------------------------------------------------------------

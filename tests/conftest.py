@@ -88,9 +88,9 @@ async def pipeline_db(empty_database_url: str):
 
 
 async def create_topics(bootstrap: str, *topics: str, partitions: int = 6) -> None:
-    from pipeline.stack import _create_topics
+    from pipeline import topics as kafka_topics
 
-    await _create_topics(bootstrap, {t: partitions for t in topics})
+    await kafka_topics.create_topics(bootstrap, {t: partitions for t in topics})
 
 
 async def read_topic(bootstrap: str, topic: str, expect: int, timeout: float = 30.0) -> list:
