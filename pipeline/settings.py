@@ -221,7 +221,8 @@ def reference_markdown() -> str:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             if isinstance(default, list):
                 default = ",".join(map(str, default)) or "(none)"
-            shown = str(default).replace(str(PROJECT_ROOT), "<project>") or "(empty)"
+            shown = str(default).replace(str(PROJECT_ROOT), "<project>")
+            shown = shown.replace(str(PROJECT_ROOT.parent), "<project>/..") or "(empty)"
             lines.append(f"| `{f.metadata['env']}` | `{shown}` | {f.metadata['help']} |")
         lines.append("")
     return "\n".join(lines)
