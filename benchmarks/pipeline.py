@@ -92,6 +92,7 @@ async def make_site(dsn: str) -> str:
 
 def synthetic_rows(site: str, n: int, visitors: int):
     """Rows and session states exactly as the worker builds them."""
+    from processors.attribution import RefSnapshot, Site, SiteRefs
     from processors.enrich import Enricher
 
     enricher = Enricher.from_settings(cfg.EnrichSettings(), cfg.WorkerSettings())
@@ -106,8 +107,9 @@ def synthetic_rows(site: str, n: int, visitors: int):
         }))
     decoded, dead = enricher.decode(values)
     assert not dead
-    built = enricher.build(decoded, {}, {})
-    sessions = [(k[0], k[1], orjson.dumps([s.to_json() for s in v]).decode()) for k, v in built.states.items()]
+    refs = RefSnapshot(sites={site: SiteRefs(Site(site, None))})
+    built = enricher.build(decoded, {}, refs)
+    sessions = [(k[0], k[1], orjson.dumps(v.to_json()).decode()) for k, v in built.states.items()]
     return built.rows, sessions
 
 

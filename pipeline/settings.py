@@ -59,6 +59,8 @@ class CollectorSettings:
     )
     pixel_path: str = _opt("/t.gif", "COLLECTOR_PIXEL_PATH", "tracking-pixel GET route")
     beacon_path: str = _opt("/collect", "COLLECTOR_BEACON_PATH", "beacon POST route")
+    snippet_path: str = _opt("/t.js", "COLLECTOR_SNIPPET_PATH", "route serving the website JavaScript snippet")
+    demo: bool = _opt(False, "COLLECTOR_DEMO", "serve the demo site under /demo/ (development)")
     trusted_proxies: list[IPNetwork] = _opt(
         [], "COLLECTOR_TRUSTED_PROXIES",
         "comma-separated CIDRs whose X-Forwarded-For/Forwarded headers are believed",
@@ -100,6 +102,15 @@ class WorkerSettings:
     )
     max_future_s: int = _opt(
         600, "EVENT_MAX_FUTURE_SECONDS", "client times ahead of the receive time by more are replaced by it"
+    )
+    lead_backfill_days: int = _opt(
+        30, "LEAD_BACKFILL_DAYS", "on identify, a visitor's anonymous events of this many days get the lead"
+    )
+    refdata_ttl_s: float = _opt(
+        300.0, "REFDATA_TTL", "seconds a cached site/lead/segment/experiment is trusted without a NOTIFY"
+    )
+    refdata_negative_ttl_s: float = _opt(
+        30.0, "REFDATA_NEGATIVE_TTL", "seconds an unknown site/lead is remembered as unknown"
     )
 
 

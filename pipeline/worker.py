@@ -28,7 +28,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from zoneinfo import ZoneInfo
 
 import asyncpg
 import orjson
@@ -40,8 +39,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from pipeline.settings import EnrichSettings, KafkaSettings, PostgresSettings, WorkerSettings
-from processors import sessions as sess
-from processors.enrich import DeadLetter, Enricher
+from pipeline.refdata import RefCache
+from processors.enrich import DeadLetter, Enricher, VisitorState
 from sinks.postgres import Batch, Fenced, PostgresSink, SinkUnavailable
 
 log = logging.getLogger("pipeline.worker")
@@ -70,6 +69,15 @@ class WorkerMetrics:
         self.lag = Gauge("worker_consumer_lag", "records behind the partition end", ["partition"], registry=r)
         self.assigned = Gauge("worker_partitions_assigned", "partitions this worker owns", registry=r)
         self.sink_up = Gauge("worker_sink_available", "1 while Postgres takes writes", registry=r)
+        self.attribution_dropped = Counter(
+            "worker_attribution_dropped", "references an event named but could not keep (unknown or not running)",
+            ["what"], registry=r)
+        self.backfills = Counter("worker_lead_backfills", "visitors newly linked to a lead (back-filled)",
+                                 registry=r)
+        self.refdata_hits = Counter("worker_refdata_cache_hits", "reference lookups served from the cache",
+                                    ["kind"], registry=r)
+        self.refdata_misses = Counter("worker_refdata_cache_misses", "reference lookups loaded from Postgres",
+                                      ["kind"], registry=r)
 
 
 @dataclass
@@ -108,9 +116,8 @@ class Worker:
         self._pending: list[ConsumerRecord] = []
         self._inflight: asyncio.Task[bool] | None = None  # the batch being written
         self._deadline: float | None = None  # give up retrying the write after this
-        self._states: OrderedDict[VisitorKey, sess.VisitorState] = OrderedDict()
-        self._site_tz: dict[str, ZoneInfo] = {}
-        self._site_tz_loaded = 0.0
+        self._states: OrderedDict[VisitorKey, VisitorState] = OrderedDict()
+        self.refs: RefCache | None = None
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self.pool: asyncpg.Pool | None = None
@@ -125,6 +132,9 @@ class Worker:
             "postgres.connect", self.cfg.retry_max_s, self._stop,
         )
         self.sink = PostgresSink(self.pool, group_id=self.cfg.group_id, owner=self.owner)
+        self.refs = RefCache(self.pool, self.pg.database_url, ttl=self.cfg.refdata_ttl_s,
+                             negative_ttl=self.cfg.refdata_negative_ttl_s)
+        await _retry_forever(self.refs.listen, "postgres.listen", self.cfg.retry_max_s, self._stop)
         self.producer = AIOKafkaProducer(bootstrap_servers=self.kafka.bootstrap, acks="all",
                                          enable_idempotence=True, linger_ms=5)
         await self.producer.start()
@@ -151,7 +161,8 @@ class Worker:
         async with self._lock:
             await self._flush(deadline=time.monotonic() + 10)
         for closer in (self.consumer and self.consumer.stop, self.producer and self.producer.stop,
-                       self.pool and self.pool.close, self._web and self._web.cleanup):
+                       self.refs and self.refs.close, self.pool and self.pool.close,
+                       self._web and self._web.cleanup):
             if closer:
                 try:
                     await closer()
@@ -225,11 +236,21 @@ class Worker:
     async def _prepare(self, records: list[ConsumerRecord]) -> Prepared:
         """Pure stages around the I/O they need (session state, site time zones), then
         the dead letters they produced are published (before any offset moves)."""
+        assert self.refs is not None
         decoded, dead = self.enricher.decode([r.value for r in records])
         keys = {self.enricher.visitor_key(env) for _, env in decoded}
         states = await self._load_states(keys)
-        await self._refresh_site_tz()
-        out = self.enricher.build(decoded, states, self._site_tz)
+        needs = self.enricher.needs(decoded, states)
+        hits, misses = dict(self.refs.hits), dict(self.refs.misses)
+        refs = await _retry_forever(lambda: self.refs.snapshot(needs), "postgres.refdata",
+                                    self.cfg.retry_max_s, self._stop)
+        for kind in hits:
+            self.metrics.refdata_hits.labels(kind).inc(self.refs.hits[kind] - hits[kind])
+            self.metrics.refdata_misses.labels(kind).inc(self.refs.misses[kind] - misses[kind])
+        out = self.enricher.build(decoded, states, refs)
+        for what, n in out.dropped.items():
+            self.metrics.attribution_dropped.labels(what).inc(n)
+        self.metrics.backfills.inc(len(out.backfills))
         dead.extend(out.dead)
         for key, state in out.states.items():
             self._remember(key, state)
@@ -237,10 +258,10 @@ class Worker:
         for r in records:
             k = (r.topic, r.partition)
             offsets[k] = max(offsets.get(k, 0), r.offset + 1)
-        sessions = [(k[0], k[1], orjson.dumps(sess.state_to_json(s)).decode()) for k, s in out.states.items()]
+        sessions = [(k[0], k[1], orjson.dumps(s.to_json()).decode()) for k, s in out.states.items()]
         await self._dead_letter(dead, records)
-        return Prepared(Batch(rows=out.rows, offsets=offsets, sessions=sessions), records, out.row_index,
-                        out.received_at)
+        batch = Batch(rows=out.rows, offsets=offsets, sessions=sessions, backfills=out.backfills)
+        return Prepared(batch, records, out.row_index, out.received_at)
 
     async def _store(self, p: Prepared) -> bool:
         """Write one batch; retry while Postgres is unavailable. False: not stored."""
@@ -318,8 +339,8 @@ class Worker:
 
     # -- state -----------------------------------------------------------------
 
-    async def _load_states(self, keys: Iterable[VisitorKey]) -> dict[VisitorKey, sess.VisitorState]:
-        out: dict[VisitorKey, sess.VisitorState] = {}
+    async def _load_states(self, keys: Iterable[VisitorKey]) -> dict[VisitorKey, VisitorState]:
+        out: dict[VisitorKey, VisitorState] = {}
         missing = []
         for k in keys:
             if k in self._states:
@@ -337,32 +358,14 @@ class Worker:
                 "postgres.load_sessions", self.cfg.retry_max_s, self._stop,
             )
             for row in rows:
-                out[(row["site_id"], row["visitor_id"])] = sess.state_from_json(orjson.loads(row["state"]))
+                out[(row["site_id"], row["visitor_id"])] = VisitorState.from_json(orjson.loads(row["state"]))
         return out
 
-    def _remember(self, key: VisitorKey, state: sess.VisitorState) -> None:
+    def _remember(self, key: VisitorKey, state: VisitorState) -> None:
         self._states[key] = state
         self._states.move_to_end(key)
         while len(self._states) > self.cfg.session_cache_visitors:
             self._states.popitem(last=False)
-
-    async def _refresh_site_tz(self) -> None:
-        if time.monotonic() - self._site_tz_loaded < 60:
-            return
-        assert self.pool is not None
-        try:
-            rows = await self.pool.fetch("SELECT site_id::text, time_zone FROM pipeline.site_settings")
-        except (asyncpg.PostgresError, OSError) as exc:
-            log.warning("worker.site_tz_unavailable", extra={"detail": str(exc)})
-            return
-        tz = {}
-        for r in rows:
-            try:
-                tz[r["site_id"]] = ZoneInfo(r["time_zone"])
-            except (KeyError, ValueError):
-                log.warning("worker.bad_time_zone", extra={"site_id": r["site_id"], "tz": r["time_zone"]})
-        self._site_tz = tz
-        self._site_tz_loaded = time.monotonic()
 
     # -- rebalancing -----------------------------------------------------------
 

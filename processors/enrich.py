@@ -23,6 +23,7 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
+from processors import attribution as attr
 from processors import sessions as sess
 from processors.device import DeviceDetector
 from processors.geo import GeoLookup
@@ -41,13 +42,39 @@ class DeadLetter:
     detail: str
 
 
+@dataclass(frozen=True, slots=True)
+class VisitorState:
+    """What the worker remembers of a visitor between batches (pipeline.visitor_sessions)."""
+
+    sessions: sess.VisitorState = ()
+    attribution: attr.VisitorAttribution = attr.VisitorAttribution()
+
+    def to_json(self) -> dict:
+        a = self.attribution
+        return {"s": sess.state_to_json(self.sessions), "l": a.lead_id, "x": [list(v) for v in a.variants]}
+
+    @classmethod
+    def from_json(cls, value: list | dict | None) -> VisitorState:
+        if isinstance(value, list):  # sessions only (the first format)
+            return cls(sess.state_from_json(value))
+        value = value or {}
+        return cls(sess.state_from_json(value.get("s")),
+                   attr.VisitorAttribution(value.get("l"), tuple(tuple(v) for v in value.get("x") or ())))
+
+
+NO_STATE = VisitorState()
+
+
 @dataclass
 class Built:
     rows: list[tuple] = field(default_factory=list)
     row_index: list[int] = field(default_factory=list)  # record position of each row
     received_at: list[int] = field(default_factory=list)  # epoch ms, per row
-    states: dict[VisitorKey, sess.VisitorState] = field(default_factory=dict)  # changed states
+    states: dict[VisitorKey, VisitorState] = field(default_factory=dict)  # changed states
     dead: list[DeadLetter] = field(default_factory=list)
+    # (site_id, visitor_id, lead_id, earliest created_at to back-fill) per newly linked visitor
+    backfills: list[tuple[str, str, str, dt.datetime]] = field(default_factory=list)
+    dropped: dict[str, int] = field(default_factory=dict)  # attribution refs dropped, by kind
 
 
 def uuid7_ms(event_id: str) -> int | None:
@@ -99,7 +126,8 @@ def _safe_text(value: Any, limit: int = 1024) -> str | None:
 
 class Enricher:
     def __init__(self, *, geo: GeoLookup | None, device: DeviceDetector, ip_mode: str,
-                 session_timeout_ms: int, default_tz: str, max_past_ms: int, max_future_ms: int) -> None:
+                 session_timeout_ms: int, default_tz: str, max_past_ms: int, max_future_ms: int,
+                 backfill_days: int = 30) -> None:
         self.geo = geo
         self.device = device
         self.store_ip = ip_storer(ip_mode)  # a bad mode fails here, at start-up
@@ -107,6 +135,8 @@ class Enricher:
         self.default_tz = ZoneInfo(default_tz)
         self.max_past_ms = max_past_ms
         self.max_future_ms = max_future_ms
+        self.backfill = dt.timedelta(days=backfill_days)
+        self._zones: dict[str, ZoneInfo] = {}
 
     @classmethod
     def from_settings(cls, enrich, worker) -> Enricher:
@@ -118,6 +148,7 @@ class Enricher:
             default_tz=worker.session_default_tz,
             max_past_ms=worker.max_past_days * 86_400_000,
             max_future_ms=worker.max_future_s * 1000,
+            backfill_days=worker.lead_backfill_days,
         )
 
     # -- stage 1: decode + validate --------------------------------------------
@@ -142,27 +173,62 @@ class Enricher:
 
     # -- stage 2: enrich + attribute + sessionize -> rows ---------------------------
 
-    def build(self, decoded: list[tuple[int, Envelope]], states: Mapping[VisitorKey, sess.VisitorState],
-              site_tz: Mapping[str, ZoneInfo], now: dt.datetime | None = None) -> Built:
+    def needs(self, decoded: list[tuple[int, Envelope]],
+              states: Mapping[VisitorKey, VisitorState]) -> attr.Needs:
+        """The reference data keys the batch refers to (for the worker to load)."""
+        needs = attr.Needs()
+        for _, env in decoded:
+            ev = env["event"]
+            state = states.get((ev["site_id"], ev["visitor_id"]), NO_STATE)
+            attr.needs_of(ev, state.attribution, needs)
+        return needs
+
+    def _zone(self, name: str | None) -> ZoneInfo:
+        if not name:
+            return self.default_tz
+        zone = self._zones.get(name)
+        if zone is None:
+            try:
+                zone = ZoneInfo(name)
+            except (KeyError, ValueError):
+                zone = self.default_tz
+            self._zones[name] = zone
+        return zone
+
+    def build(self, decoded: list[tuple[int, Envelope]], states: Mapping[VisitorKey, VisitorState],
+              refs: attr.RefSnapshot, now: dt.datetime | None = None) -> Built:
         out = Built()
         now = now or dt.datetime.now(UTC)
         current = dict(states)
         for index, env in decoded:
             ev = env["event"]
             key = (ev["site_id"], ev["visitor_id"])
+            site = refs.sites.get(key[0])
+            if site is None:
+                out.dead.append(DeadLetter(index, "unknown_site", f"site {key[0]} does not exist"))
+                continue
+            state = current.get(key, NO_STATE)
             t_ms = event_time_ms(env, self.max_past_ms, self.max_future_ms)
-            source = sess.traffic_source(ev.get("page_url"), ev.get("referrer_url"), ev.get("campaign_id"))
-            session_id, current[key] = sess.assign(
-                current.get(key, ()), site_id=key[0], visitor_id=key[1], t_ms=t_ms, source=source,
-                tz=site_tz.get(key[0], self.default_tz), timeout_ms=self.timeout_ms,
+            t = _ms_to_dt(t_ms)
+            lang = _primary_language(env["hints"].get("accept-language"))
+            a, visitor = attr.attribute(ev, site, refs.lookup_lead(key[0]), state.attribution, t, lang)
+            source = sess.traffic_source(ev.get("page_url"), ev.get("referrer_url"), a.campaign_id)
+            session_id, sessions = sess.assign(
+                state.sessions, site_id=key[0], visitor_id=key[1], t_ms=t_ms, source=source,
+                tz=self._zone(site.time_zone), timeout_ms=self.timeout_ms,
             )
-            out.states[key] = current[key]
-            out.rows.append(self._row(env, session_id, t_ms, now))
+            current[key] = out.states[key] = VisitorState(sessions, visitor)
+            if a.backfill_lead:
+                out.backfills.append((key[0], key[1], a.backfill_lead, t - self.backfill))
+            for what in a.dropped:
+                out.dropped[what] = out.dropped.get(what, 0) + 1
+            out.rows.append(self._row(env, session_id, t, now, a, lang))
             out.row_index.append(index)
             out.received_at.append(env["received_at"])
         return out
 
-    def _row(self, env: Envelope, session_id: str, t_ms: int, now: dt.datetime) -> tuple:
+    def _row(self, env: Envelope, session_id: str, t: dt.datetime, now: dt.datetime, a: attr.Attribution,
+             lang: str | None) -> tuple:
         ev = env["event"]
         hints = env["hints"]
         private = hints.get("dnt") is True or hints.get("gpc") is True
@@ -173,9 +239,9 @@ class Enricher:
         custom = dict(ev.get("custom_data") or {})
         for k, v in (device.details or {}).items():  # $browser, $os, $device
             custom[f"${k}"] = v
-        lang = _primary_language(hints.get("accept-language"))
         if lang:
             custom["$lang"] = lang
+        custom.update(a.custom)
         if "session_id" in ev:
             custom["$client_session_id"] = ev["session_id"]
 
@@ -191,7 +257,6 @@ class Enricher:
             env["id"], ev["event_type"], ev.get("page_url"), ev.get("referrer_url"), ev["visitor_id"],
             session_id, ip, ua, device.device_type, country, region, city, ev.get("duration_seconds"),
             orjson.dumps(custom).decode() if custom else None,
-            ev.get("lead_id"), ev.get("segment_id"), ev.get("experiment_id"), ev["site_id"],
-            None,  # user_id: the site's owner, filled by attribution
-            _ms_to_dt(t_ms), now, location, ev.get("campaign_id"),
+            a.lead_id, a.segment_id, a.experiment_id, ev["site_id"], a.user_id,
+            t, now, location, a.campaign_id,
         )

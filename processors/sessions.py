@@ -19,6 +19,7 @@ starts a session of its own, so a late event never splits a session that exists.
 from __future__ import annotations
 
 import uuid
+from functools import lru_cache
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from urllib.parse import parse_qsl, urlsplit
@@ -78,31 +79,41 @@ def traffic_source(page_url: str | None, referrer_url: str | None, campaign_id: 
     """
     if campaign_id:
         return f"campaign:{campaign_id}"
-    page = _split(page_url)
-    if page is not None and page.query:
-        params = dict(parse_qsl(page.query, keep_blank_values=False))
-        utm = [params.get(k, "").strip().lower() for k in _UTM_KEYS]
-        if any(utm):
-            return "utm:" + "/".join(utm)
-        for click in _CLICK_IDS:
-            if click in params:
-                return f"click:{click}"
-    ref = _split(referrer_url)
-    if ref is None or not ref.hostname:
-        return None
-    ref_host = _bare_host(ref.hostname)
-    if page is not None and page.hostname and _bare_host(page.hostname) == ref_host:
-        return None  # internal navigation
+    page_host, page_source = _page(page_url) if page_url else (None, None)
+    if page_source:
+        return page_source
+    ref_host = _host(referrer_url) if referrer_url else None
+    if ref_host is None or ref_host == page_host:
+        return None  # direct, unknown, or internal navigation
     return f"ref:{ref_host}"
 
 
-def _split(url: str | None):
-    if not url:
-        return None
+@lru_cache(maxsize=16384)
+def _page(url: str) -> tuple[str | None, str | None]:
+    """(bare host, source named by the page's own query). Cached: pages repeat a lot."""
     try:
-        return urlsplit(url)
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        return None, None
+    source = None
+    if parts.query:
+        params = dict(parse_qsl(parts.query, keep_blank_values=False))
+        utm = [params.get(k, "").strip().lower() for k in _UTM_KEYS]
+        if any(utm):
+            source = "utm:" + "/".join(utm)
+        else:
+            source = next((f"click:{c}" for c in _CLICK_IDS if c in params), None)
+    return (_bare_host(host) if host else None), source
+
+
+@lru_cache(maxsize=16384)
+def _host(url: str) -> str | None:
+    try:
+        host = urlsplit(url).hostname
     except ValueError:
         return None
+    return _bare_host(host) if host else None
 
 
 def _bare_host(host: str) -> str:

@@ -55,6 +55,8 @@ class Batch:
     offsets: dict[tuple[str, int], int]
     # (site_id, visitor_id, state as JSON text) for every visitor the batch touched
     sessions: list[tuple[str, str, str]] = field(default_factory=list)
+    # (site_id, visitor_id, lead_id, since): give the visitor's anonymous events since then the lead
+    backfills: list[tuple[str, str, str, datetime]] = field(default_factory=list)
 
 
 @dataclass
@@ -146,10 +148,26 @@ class PostgresSink:
                     [s[0] for s in batch.sessions], [s[1] for s in batch.sessions],
                     [s[2] for s in batch.sessions],
                 )
+            if batch.backfills:
+                await self._backfill(conn, batch.backfills)
             if rejected and on_rejected is not None:
                 await on_rejected(rejected)
         return WriteResult(stored=len(rows) - duplicates - len(rejected), duplicates=duplicates,
                            rejected=rejected)
+
+    async def _backfill(self, conn: asyncpg.Connection, backfills: list[tuple[str, str, str, datetime]]) -> None:
+        """Identify: the visitor's earlier anonymous events get the lead (idempotent: only
+        rows without a lead change). After the COPY, so this batch's rows are included."""
+        await conn.execute(
+            """
+            UPDATE public.visitor_events v SET lead_id = b.lead, updated_at = now()
+            FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::timestamptz[]) AS b(site, visitor, lead, since)
+            WHERE v.site_id = b.site AND v.visitor_id = b.visitor AND v.created_at >= b.since
+              AND v.created_at >= $5 AND v.lead_id IS NULL
+            """,
+            [b[0] for b in backfills], [b[1] for b in backfills], [b[2] for b in backfills],
+            [b[3] for b in backfills], min(b[3] for b in backfills),
+        )
 
     async def _advance_offsets(self, conn: asyncpg.Connection, offsets: dict[tuple[str, int], int]) -> None:
         for (topic, partition), next_offset in sorted(offsets.items()):

@@ -108,6 +108,7 @@ async def test_pixel_and_beacon_become_enriched_rows(topics, pipeline_db):
     custom = orjson.loads(pv["custom_data"])
     assert custom["$browser"]["family"].startswith("Mobile Safari") and custom["$lang"] == "en-gb"
     assert str(pv["site_id"]) == site and pv["user_agent"] == IPHONE
+    assert pv["user_id"] is not None  # the site's owner
     # One visitor, one session: internal navigation does not split it.
     london = [r for k, r in rows.items() if k[0] == "v-london"]
     assert len({r["session_id"] for r in london}) == 1
@@ -144,19 +145,23 @@ async def test_client_retry_with_same_event_id_is_stored_once(topics, pipeline_d
 
 async def test_poison_messages_are_dead_lettered_neighbours_stored_and_replay_works(topics, pipeline_db):
     dsn, site = pipeline_db
-    missing_lead = str(uuid.uuid4())
+    other_site = str(uuid.uuid4())
     good = {"site_id": site, "visitor_id": "v-ok"}
 
     def envelope(event: dict, ua: str | None = "curl/8") -> bytes:
         return orjson.dumps({"v": 1, "id": str(uuid.uuid4()), "received_at": 1795716000000, "ip": "81.2.69.142",
                              "ua": ua, "hints": {}, "source": "beacon", "event": {"event_type": "pageview", **event}})
 
+    # A rule of the database's that validation does not know: only the sink meets it.
+    conn = await asyncpg.connect(dsn)
+    await conn.execute("ALTER TABLE visitor_events ADD CONSTRAINT no_evil CHECK (event_type <> 'evil')")
+    await conn.close()
     poison = [
         (b"\x00\xff not json", "decode_error"),
         (orjson.dumps({"v": 99}), "invalid_envelope"),
         (envelope({"site_id": site, "visitor_id": "v-bad", "page_url": "a\u0000b"}), "invalid_envelope"),
-        (envelope({"site_id": site, "visitor_id": "v-lead", "lead_id": missing_lead}), "store_failed"),
-        (envelope({"site_id": str(uuid.uuid4()), "visitor_id": "v-nosite"}), "store_failed"),
+        (envelope({"site_id": site, "visitor_id": "v-evil", "event_type": "evil"}), "store_failed"),
+        (envelope({"site_id": other_site, "visitor_id": "v-nosite"}), "unknown_site"),
         # A lone surrogate (valid JSON escape, not encodable as UTF-8 text).
         (envelope({**good, "event_type": "surrogate"}, ua="UA").replace(b'"ua":"UA"', b'"ua":"x\\udc80y"'),
          "decode_error"),
@@ -181,24 +186,28 @@ async def test_poison_messages_are_dead_lettered_neighbours_stored_and_replay_wo
     offsets = sorted(d["source"]["offset"] for d in docs)
     assert offsets == [3, 4, 5, 6, 7, 8]  # their place in the partition, for inspection
     assert all(d["source"]["topic"] == topics.events_topic for d in docs)
-    lead_letter = next(d for d in docs if missing_lead in (d.get("value") or ""))
-    assert "23503" in lead_letter["detail"]  # foreign key violation, named
+    evil = next(d for d in docs if d["reason"] == "store_failed")
+    assert "23514" in evil["detail"] and "no_evil" in evil["detail"]  # check violation, named
     binary = next(d for d in docs if d["source"]["offset"] == 3)
     assert dlq.original_value(binary) == b"\x00\xff not json"
 
-    # The fix: the lead now exists. Replay re-feeds the dead letters; only it can succeed.
+    # The fixes: the rule is dropped, the site created. Replay re-feeds those dead letters.
     conn = await asyncpg.connect(dsn)
-    await conn.execute("INSERT INTO public.leads (id, site_id, email) VALUES ($1, $2, 'a@b.c')", missing_lead, site)
+    await conn.execute("ALTER TABLE visitor_events DROP CONSTRAINT no_evil")
+    await conn.execute("INSERT INTO public.sites (id, name) VALUES ($1, 'late site')", other_site)
     await conn.close()
-    counts = await dlq.replay(topics, reasons={"store_failed"})
+    counts = await dlq.replay(topics, reasons={"store_failed", "unknown_site"})
     assert counts == {"seen": 6, "replayed": 2, "skipped": 4}
     async with worker(topics, dsn):
-        assert await wait_for_count(dsn, "SELECT count(*) FROM visitor_events", 7) == 7
-        rows = await fetch(dsn, "SELECT lead_id::text FROM visitor_events WHERE visitor_id = 'v-lead'")
-        assert [r["lead_id"] for r in rows] == [missing_lead]
-        # The still-unknown site went back to the dead-letter topic.
-        letters = await read_topic(topics.bootstrap, topics.dlq_topic, 7)
-        assert len(letters) == 7
+        assert await wait_for_count(dsn, "SELECT count(*) FROM visitor_events", 8) == 8
+        rows = await fetch(dsn, "SELECT visitor_id, site_id::text FROM visitor_events "
+                                "WHERE visitor_id IN ('v-evil', 'v-nosite') ORDER BY 1")
+        assert [(r["visitor_id"], r["site_id"]) for r in rows] == [("v-evil", site), ("v-nosite", other_site)]
+    # Replaying again stores nothing twice.
+    await dlq.replay(topics, reasons={"store_failed", "unknown_site"})
+    async with worker(topics, dsn):
+        await asyncio.sleep(2)
+    assert await wait_for_count(dsn, "SELECT count(*) FROM visitor_events", 8, 1) == 8
 
 
 async def test_offsets_and_sessions_are_stored_with_the_rows(topics, pipeline_db):
