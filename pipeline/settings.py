@@ -75,7 +75,10 @@ class CollectorSettings:
         5.0, "COLLECTOR_PUBLISH_TIMEOUT", "seconds to wait for Kafka's ack before answering 503"
     )
     retry_after_s: int = _opt(5, "COLLECTOR_RETRY_AFTER", "Retry-After seconds sent with a 503")
-    linger_ms: int = _opt(2, "COLLECTOR_LINGER_MS", "producer linger: how long to gather a batch")
+    linger_ms: int = _opt(
+        0, "COLLECTOR_LINGER_MS",
+        "producer linger in ms; 0 is best: records batch up anyway while a request is in flight",
+    )
     cookieless_secret: str = _opt(
         "change-me", "COLLECTOR_COOKIELESS_SECRET",
         "secret for the daily-rotating visitor hash used when a hit has no visitor_id",
