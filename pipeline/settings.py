@@ -106,6 +106,13 @@ class WorkerSettings:
     max_future_s: int = _opt(
         600, "EVENT_MAX_FUTURE_SECONDS", "client times ahead of the receive time by more are replaced by it"
     )
+    maintenance_interval_s: float = _opt(
+        3600.0, "WORKER_MAINTENANCE_INTERVAL",
+        "seconds between upkeep runs: partitions ahead, forgetting idle visitors (one worker at a time)",
+    )
+    visitor_state_days: int = _opt(
+        7, "VISITOR_STATE_DAYS", "session/attribution state of visitors idle this long is deleted by upkeep"
+    )
     lead_backfill_days: int = _opt(
         30, "LEAD_BACKFILL_DAYS", "on identify, a visitor's anonymous events of this many days get the lead"
     )

@@ -118,6 +118,7 @@ class Worker:
         self._deadline: float | None = None  # give up retrying the write after this
         self._states: OrderedDict[VisitorKey, VisitorState] = OrderedDict()
         self.refs: RefCache | None = None
+        self._upkeep: asyncio.Task | None = None
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self.pool: asyncpg.Pool | None = None
@@ -150,6 +151,7 @@ class Worker:
         await self.consumer.start()
         if self.cfg.metrics_port:
             await self._start_http()
+        self._upkeep = asyncio.create_task(self._maintain())
         log.info("worker.started", extra={"owner": self.owner, "topic": self.kafka.events_topic,
                                           "group": self.cfg.group_id})
 
@@ -158,6 +160,8 @@ class Worker:
         self._stop.set()
 
     async def close(self) -> None:
+        if self._upkeep is not None:
+            self._upkeep.cancel()
         async with self._lock:
             await self._flush(deadline=time.monotonic() + 10)
         for closer in (self.consumer and self.consumer.stop, self.producer and self.producer.stop,
@@ -366,6 +370,40 @@ class Worker:
         self._states.move_to_end(key)
         while len(self._states) > self.cfg.session_cache_visitors:
             self._states.popitem(last=False)
+
+    # -- upkeep ------------------------------------------------------------------
+
+    async def _maintain(self) -> None:
+        """Periodic upkeep, done by whichever worker takes the advisory lock first:
+        partitions for the days ahead (so none is created on demand at midnight) and
+        the deletion of state of visitors idle for ``visitor_state_days``."""
+        from datetime import datetime, timedelta, timezone
+
+        from schemas.migrate import ensure_partitions
+
+        assert self.pool is not None
+        while not self._stop.is_set():
+            try:
+                async with self.pool.acquire() as conn:
+                    if await conn.fetchval("SELECT pg_try_advisory_lock(hashtext('pipeline.worker.upkeep'))"):
+                        try:
+                            now = datetime.now(timezone.utc)
+                            await ensure_partitions(conn, now, now + timedelta(days=self.pg.partition_premake_days))
+                            deleted = await conn.fetchval(
+                                # Visitors linked to a lead are kept: their lead must follow them.
+                                "WITH gone AS (DELETE FROM pipeline.visitor_sessions WHERE updated_at < "
+                                "now() - make_interval(days => $1) AND state->>'l' IS NULL RETURNING 1) "
+                                "SELECT count(*) FROM gone",
+                                self.cfg.visitor_state_days)
+                            log.info("worker.upkeep", extra={"forgotten_visitors": deleted})
+                        finally:
+                            await conn.execute("SELECT pg_advisory_unlock(hashtext('pipeline.worker.upkeep'))")
+            except (asyncpg.PostgresError, OSError) as exc:
+                log.warning("worker.upkeep_failed", extra={"detail": str(exc)})
+            try:
+                await asyncio.wait_for(self._stop.wait(), self.cfg.maintenance_interval_s)
+            except TimeoutError:
+                pass
 
     # -- rebalancing -----------------------------------------------------------
 

@@ -241,3 +241,30 @@ async def test_offsets_and_sessions_are_stored_with_the_rows(topics, pipeline_db
     async with worker(topics, dsn):
         await asyncio.sleep(2)
     assert await wait_for_count(dsn, "SELECT count(*) FROM visitor_events", 10, 1) == 10
+
+
+async def test_upkeep_makes_partitions_ahead_and_forgets_idle_anonymous_visitors(topics, pipeline_db):
+    dsn, site = pipeline_db
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "INSERT INTO pipeline.visitor_sessions (site_id, visitor_id, state, updated_at) VALUES "
+            "($1, 'idle', '{}', now() - interval '9 days'), "
+            "($1, 'idle-lead', $2, now() - interval '9 days'), "
+            "($1, 'recent', '{}', now() - interval '1 day')", site, orjson.dumps({"l": str(uuid.uuid4())}).decode())
+        await conn.execute("DROP TABLE pipeline.visitor_events_p" + _day(5))  # a missing day ahead
+    finally:
+        await conn.close()
+    async with worker(topics, dsn, maintenance_interval_s=0.5):
+        left = await wait_for_count(dsn, "SELECT count(*) FROM pipeline.visitor_sessions", 2, 10)
+    assert left == 2
+    kept = {r["visitor_id"] for r in await fetch(dsn, "SELECT visitor_id FROM pipeline.visitor_sessions")}
+    assert kept == {"idle-lead", "recent"}
+    assert await wait_for_count(dsn, "SELECT count(*) FROM pg_class WHERE relname = $1", 1, 10,
+                                "visitor_events_p" + _day(5)) == 1
+
+
+def _day(ahead: int) -> str:
+    import datetime as dt
+
+    return (dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=ahead)).strftime("%Y%m%d")
