@@ -4,6 +4,8 @@
     pipeline worker           run a stream worker (Kafka -> enrich -> PostgreSQL)
     pipeline dlq list|replay  inspect or re-feed dead letters
     pipeline migrate          apply SQL migrations and create partitions ahead
+    pipeline maintenance      periodic jobs: partitions ahead, DEFAULT partition drain,
+                              experiment participants
     pipeline stack up|down|status|env
                               the local stack (Kafka, PostgreSQL, collector)
     pipeline tail             print events from a Kafka topic (debugging)
@@ -42,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     cfg.add_arguments(p, cfg.KafkaSettings, cfg.LogSettings)
 
     p = sub.add_parser("migrate", help="apply SQL migrations (idempotent) and create partitions ahead")
+    cfg.add_arguments(p, cfg.PostgresSettings, cfg.LogSettings)
+
+    p = sub.add_parser("maintenance", help="periodic jobs: partitions ahead, drain DEFAULT, participants")
     cfg.add_arguments(p, cfg.PostgresSettings, cfg.LogSettings)
 
     p = sub.add_parser("stack", help="the local stack: Kafka, PostgreSQL, collector")
@@ -83,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "stack":
         return _stack(args)
+
+    if args.command == "maintenance":
+        return asyncio.run(_maintenance(cfg.load(cfg.PostgresSettings, args)))
 
     if args.command == "tail":
         return asyncio.run(_tail(cfg.load(cfg.KafkaSettings, args), args))
@@ -173,6 +181,27 @@ async def _migrate(pg: cfg.PostgresSettings) -> int:
     finally:
         await conn.close()
     print(f"applied {len(applied)} migration(s){': ' + ', '.join(applied) if applied else ''}")
+    return 0
+
+
+async def _maintenance(pg: cfg.PostgresSettings) -> int:
+    """What a cron job runs (daily is enough; hourly is fine): idempotent."""
+    import datetime as dt
+
+    import asyncpg
+
+    from schemas.migrate import drain_default_partition, ensure_partitions
+
+    conn = await asyncpg.connect(pg.database_url)
+    try:
+        now = dt.datetime.now(dt.timezone.utc)
+        await ensure_partitions(conn, now, now + dt.timedelta(days=pg.partition_premake_days))
+        drained = await drain_default_partition(conn)
+        changed = await conn.fetchval("SELECT pipeline.recompute_experiment_participants()")
+    finally:
+        await conn.close()
+    print(f"partitions ensured for {pg.partition_premake_days} days ahead; {drained} row(s) moved out of "
+          f"the DEFAULT partition; {changed} experiment_segments row(s) updated")
     return 0
 
 
