@@ -175,7 +175,11 @@ class Worker:
         log.info("worker.stopped", extra={"owner": self.owner})
 
     async def run(self) -> None:
-        await self.start()
+        try:
+            await self.start()
+        except _Abandoned:  # stopped before Postgres ever answered
+            await self.close()
+            return
         try:
             while not self._stop.is_set():
                 await self._collect()
@@ -217,7 +221,14 @@ class Worker:
         if not self._pending:
             return
         records, self._pending = self._pending, []
-        prepared = await self._prepare(records)
+        try:
+            prepared = await self._prepare(records)
+        except _Abandoned as exc:
+            # Nothing stored, offsets not advanced: the records are read again later.
+            self._states.clear()
+            log.warning("worker.batch_abandoned", extra={"events": len(records), "detail": str(exc)})
+            await self._drain()
+            return
         if not await self._drain():
             # The previous batch was not stored; this one was built on its session state
             # and its offsets follow it: drop it too, it is read again.
@@ -245,9 +256,10 @@ class Worker:
         keys = {self.enricher.visitor_key(env) for _, env in decoded}
         states = await self._load_states(keys)
         needs = self.enricher.needs(decoded, states)
+        moving = lambda: self._rebalancing  # noqa: E731
         hits, misses = dict(self.refs.hits), dict(self.refs.misses)
         refs = await _retry_forever(lambda: self.refs.snapshot(needs), "postgres.refdata",
-                                    self.cfg.retry_max_s, self._stop)
+                                    self.cfg.retry_max_s, self._stop, give_up=moving)
         for kind in hits:
             self.metrics.refdata_hits.labels(kind).inc(self.refs.hits[kind] - hits[kind])
             self.metrics.refdata_misses.labels(kind).inc(self.refs.misses[kind] - misses[kind])
@@ -359,7 +371,7 @@ class Worker:
                     "SELECT site_id::text, visitor_id, state FROM pipeline.visitor_sessions "
                     "WHERE (site_id, visitor_id) IN (SELECT * FROM unnest($1::uuid[], $2::text[]))",
                     [k[0] for k in missing], [k[1] for k in missing]),
-                "postgres.load_sessions", self.cfg.retry_max_s, self._stop,
+                "postgres.load_sessions", self.cfg.retry_max_s, self._stop, give_up=lambda: self._rebalancing,
             )
             for row in rows:
                 out[(row["site_id"], row["visitor_id"])] = VisitorState.from_json(orjson.loads(row["state"]))
@@ -501,14 +513,18 @@ def _dlq_value(value: bytes | None) -> dict[str, str | None]:
         return {"value": None, "value_b64": base64.b64encode(value).decode()}
 
 
-async def _retry_forever(make, what: str, max_delay: float, stop: asyncio.Event):
+class _Abandoned(Exception):
+    """A retry loop gave up because the worker is stopping or its partitions are moving."""
+
+
+async def _retry_forever(make, what: str, max_delay: float, stop: asyncio.Event, give_up=None):
     delay = 0.2
     while True:
         try:
             return await make()
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
-            if stop.is_set():
-                raise
+            if stop.is_set() or (give_up is not None and give_up()):
+                raise _Abandoned(f"{what}: {exc}") from exc
             log.warning("worker.retry", extra={"what": what, "retry_in_s": round(delay, 2), "detail": str(exc)})
             await asyncio.sleep(delay)
             delay = min(delay * 2, max_delay)
