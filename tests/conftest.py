@@ -7,6 +7,7 @@ Every test gets its own topics and databases, so tests never see each other's da
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 
@@ -135,3 +136,55 @@ async def wait_for_count(dsn: str, sql: str, expected: int, timeout: float = 60.
             await asyncio.sleep(0.2)
     finally:
         await conn.close()
+
+
+# ---------------------------------------------------------------------------
+# The pipeline's own components, in this test process
+
+
+@pytest.fixture
+async def topics(kafka_bootstrap):
+    """KafkaSettings naming an events topic (6 partitions) and a dead-letter topic of this test's own."""
+    from pipeline.settings import KafkaSettings
+
+    events, dead = f"test-ev-{uuid.uuid4().hex[:8]}", f"test-dlq-{uuid.uuid4().hex[:8]}"
+    await create_topics(kafka_bootstrap, events, partitions=6)
+    await create_topics(kafka_bootstrap, dead, partitions=1)
+    return KafkaSettings(bootstrap=kafka_bootstrap, events_topic=events, dlq_topic=dead)
+
+
+@contextlib.asynccontextmanager
+async def running_collector(kafka, settings=None):
+    """The real collector app on a local port; yields an aiohttp session based at it."""
+    import aiohttp
+    from aiohttp.test_utils import TestServer
+
+    from ingest.app import create_app
+    from pipeline.settings import CollectorSettings
+
+    server = TestServer(create_app(settings or CollectorSettings(), kafka))
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession(base_url=str(server.make_url(""))) as http:
+            yield http
+    finally:
+        await server.close()
+
+
+@contextlib.asynccontextmanager
+async def running_worker(kafka, dsn: str, **overrides):
+    """A stream worker in this event loop (its own consumer group per topic)."""
+    import asyncio
+
+    from pipeline.settings import EnrichSettings, PostgresSettings, WorkerSettings
+    from pipeline.worker import Worker
+
+    settings = WorkerSettings(**{"group_id": f"g-{kafka.events_topic}", "metrics_port": 0, "batch_ms": 100,
+                                 **overrides})
+    w = Worker(settings, kafka, PostgresSettings(database_url=dsn), EnrichSettings())
+    task = asyncio.create_task(w.run())
+    try:
+        yield w
+    finally:
+        w.stop_nowait()
+        await asyncio.wait_for(task, 30)

@@ -14,8 +14,8 @@ import pytest
 import uuid_utils
 from aiokafka import AIOKafkaProducer
 
+from conftest import running_worker as worker
 from conftest import wait_for_count
-from test_worker import topics, worker  # noqa: F401  (fixture and helper shared with the worker tests)
 
 
 def envelope(site: str, visitor: str, t_ms: int | None = None, **event) -> bytes:

@@ -6,7 +6,6 @@ Crash, rebalance and outage tests (separate processes) are in test_worker_faults
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import uuid
 
@@ -14,14 +13,11 @@ import aiohttp
 import asyncpg
 import orjson
 import pytest
-from aiohttp.test_utils import TestServer
 from aiokafka import AIOKafkaProducer
 
-from conftest import create_topics, read_topic, wait_for_count
-from ingest.app import create_app
+from conftest import read_topic, running_collector, running_worker, wait_for_count
 from pipeline import dlq
-from pipeline.settings import CollectorSettings, EnrichSettings, KafkaSettings, PostgresSettings, WorkerSettings
-from pipeline.worker import Worker
+from pipeline.settings import CollectorSettings, KafkaSettings
 
 IPHONE = ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15 "
           "(KHTML, like Gecko) Version/17.4 Mobile/15E148 Safari/604.1")
@@ -29,37 +25,11 @@ DESKTOP = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML,
            "Chrome/131.0.0.0 Safari/537.36")
 
 
-@pytest.fixture
-async def topics(kafka_bootstrap):
-    events, dead = f"test-ev-{uuid.uuid4().hex[:8]}", f"test-dlq-{uuid.uuid4().hex[:8]}"
-    await create_topics(kafka_bootstrap, events, partitions=6)
-    await create_topics(kafka_bootstrap, dead, partitions=1)
-    return KafkaSettings(bootstrap=kafka_bootstrap, events_topic=events, dlq_topic=dead)
+def collector(kafka: KafkaSettings):
+    return running_collector(kafka, CollectorSettings(trusted_proxies=[ipaddress.ip_network("127.0.0.1/32")]))
 
 
-@contextlib.asynccontextmanager
-async def collector(kafka: KafkaSettings):
-    settings = CollectorSettings(trusted_proxies=[ipaddress.ip_network("127.0.0.1/32")])
-    server = TestServer(create_app(settings, kafka))
-    await server.start_server()
-    try:
-        async with aiohttp.ClientSession(base_url=str(server.make_url(""))) as http:
-            yield http
-    finally:
-        await server.close()
-
-
-@contextlib.asynccontextmanager
-async def worker(kafka: KafkaSettings, dsn: str, **overrides):
-    settings = WorkerSettings(**{"group_id": f"g-{kafka.events_topic}", "metrics_port": 0, "batch_ms": 100,
-                                 **overrides})
-    w = Worker(settings, kafka, PostgresSettings(database_url=dsn), EnrichSettings())
-    task = asyncio.create_task(w.run())
-    try:
-        yield w
-    finally:
-        w.stop_nowait()
-        await asyncio.wait_for(task, 30)
+worker = running_worker
 
 
 def _free_port() -> int:

@@ -8,13 +8,11 @@ every event the collector acknowledged is in visitor_events exactly once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import aiohttp
@@ -22,22 +20,12 @@ import asyncpg
 import orjson
 import pytest
 import uuid_utils
-from aiohttp.test_utils import TestServer
 
-from conftest import create_topics, wait_for_count
-from ingest.app import create_app
+from conftest import running_collector, wait_for_count
 from pipeline import settings as cfg
 from pipeline.settings import CollectorSettings, KafkaSettings
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-async def topics(kafka_bootstrap):
-    events, dead = f"test-ev-{uuid.uuid4().hex[:8]}", f"test-dlq-{uuid.uuid4().hex[:8]}"
-    await create_topics(kafka_bootstrap, events, partitions=6)
-    await create_topics(kafka_bootstrap, dead, partitions=1)
-    return KafkaSettings(bootstrap=kafka_bootstrap, events_topic=events, dlq_topic=dead)
 
 
 class Workers:
@@ -87,15 +75,8 @@ def workers(topics, pipeline_db, tmp_path):
     w.stop_all()
 
 
-@contextlib.asynccontextmanager
-async def collector(kafka: KafkaSettings):
-    server = TestServer(create_app(CollectorSettings(publish_timeout_s=10), kafka))
-    await server.start_server()
-    try:
-        async with aiohttp.ClientSession(base_url=str(server.make_url(""))) as http:
-            yield http
-    finally:
-        await server.close()
+def collector(kafka: KafkaSettings):
+    return running_collector(kafka, CollectorSettings(publish_timeout_s=10))
 
 
 async def send_events(http: aiohttp.ClientSession, site: str, total: int, visitors: int,
