@@ -9,7 +9,8 @@ Routes (``prefix`` = ``path_prefix``; the ops endpoints are never prefixed):
                                   No Content-Type at all is read as JSON too (what
                                   sendBeacon sends for an ArrayBuffer).
 * ``OPTIONS`` on both             CORS preflight.
-* ``GET /healthz`` ``/readyz`` ``/metrics``.
+* ``GET  {prefix}{snippet_path}`` the website snippet (snippet/), cacheable, ETag.
+* ``GET /healthz`` ``/readyz`` ``/metrics``; ``/demo/`` (deploy/demo/) when ``demo`` is on.
 
 Answers: 200 GIF / 204 once Kafka acknowledged every event of the request; 200 + JSON
 report when a batch was partly invalid (the valid events are published); 400 / 413 /
@@ -20,6 +21,8 @@ the events (see ``ingest.publisher``). Client input never causes a 5xx.
 from __future__ import annotations
 
 import asyncio
+import gzip
+import hashlib
 import logging
 import signal
 import time
@@ -30,7 +33,7 @@ from aiohttp import web
 from uuid_utils import uuid7
 
 from pipeline import logs as pipeline_logs
-from pipeline.settings import CollectorSettings, KafkaSettings
+from pipeline.settings import PROJECT_ROOT, CollectorSettings, KafkaSettings
 from schemas.event import ENVELOPE_VERSION, EventError, validate_event
 
 from .clientip import ClientIPResolver
@@ -74,6 +77,12 @@ _PREFLIGHT_HEADERS = {
     **_NO_STORE,
 }
 _BEACON_TYPES = frozenset({"application/json", "text/plain"})
+# The minified build when present (snippet/package.json "build"), else the readable source.
+SNIPPET_FILES = (PROJECT_ROOT / "snippet" / "t.min.js", PROJECT_ROOT / "snippet" / "t.js")
+DEMO_DIR = PROJECT_ROOT / "deploy" / "demo"
+# One day, not a year: the snippet's URL carries no version, so an update must reach
+# browsers; after that a revalidation costs a 304.
+SNIPPET_MAX_AGE_S = 86400
 _CH_UA_HEADERS = (  # besides sec-ch-ua itself
     "sec-ch-ua-mobile",
     "sec-ch-ua-platform",
@@ -357,6 +366,52 @@ def _from_http_exception(exc: web.HTTPException) -> web.Response:
     return _json(exc.status, {"error": message, "field": None}, extra)
 
 
+class _Snippet:
+    """The website snippet, read once at start-up, served plain or gzipped with a
+    strong ETag per encoding (If-None-Match -> 304)."""
+
+    def __init__(self) -> None:
+        path = next((p for p in SNIPPET_FILES if p.is_file()), None)
+        self.body = path.read_bytes() if path is not None else None
+        if self.body is None:
+            log.warning("collector.snippet_missing", extra={"looked_for": [str(p) for p in SNIPPET_FILES]})
+            return
+        self.gzipped = gzip.compress(self.body, 9, mtime=0)
+        digest = hashlib.sha256(self.body).hexdigest()[:24]
+        self.etags = {False: f'"{digest}"', True: f'"{digest}-gz"'}
+
+    async def handle(self, request: web.Request) -> web.Response:
+        if self.body is None:
+            raise web.HTTPNotFound()
+        gz = _accepts_gzip(request.headers.get("Accept-Encoding", ""))
+        etag = self.etags[gz]
+        headers = {
+            "Cache-Control": f"public, max-age={SNIPPET_MAX_AGE_S}",
+            "ETag": etag,
+            "Vary": "Accept-Encoding",
+            "Cross-Origin-Resource-Policy": "cross-origin",  # pages with COEP may load it
+        }
+        match = request.headers.get("If-None-Match")
+        if match is not None and any(t.strip().removeprefix("W/") in (etag, "*") for t in match.split(",")):
+            return web.Response(status=304, headers=headers)
+        headers["Content-Type"] = "text/javascript; charset=utf-8"
+        headers["X-Content-Type-Options"] = "nosniff"
+        if gz:
+            headers["Content-Encoding"] = "gzip"
+        return web.Response(body=self.gzipped if gz else self.body, headers=headers)
+
+
+def _accepts_gzip(accept_encoding: str) -> bool:
+    for part in accept_encoding.split(","):
+        name, _, params = part.partition(";")
+        if name.strip().lower() in ("gzip", "*"):
+            try:
+                return float(params.strip().lower().removeprefix("q=") or 1) > 0
+            except ValueError:
+                return False
+    return False
+
+
 def _middleware(labels: dict[Any, str], cors_routes: frozenset[Any], metrics: CollectorMetrics):
     # One middleware for errors, CORS and request metrics: each extra layer costs a
     # coroutine per request.
@@ -377,6 +432,23 @@ def _middleware(labels: dict[Any, str], cors_routes: frozenset[Any], metrics: Co
         return response
 
     return collector_middleware
+
+
+def _add_demo(router: web.UrlDispatcher, labels: dict[Any, str]) -> None:
+    """deploy/demo/ under /demo/ (development only: COLLECTOR_DEMO)."""
+
+    async def index(request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(DEMO_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    async def slash(request: web.Request) -> web.Response:
+        # Returned, not raised: the middleware would turn a raised redirect into JSON.
+        query = f"?{request.query_string}" if request.query_string else ""
+        return web.Response(status=302, headers={"Location": "/demo/" + query})
+
+    labels[router.add_get("/demo", slash)] = "demo"
+    labels[router.add_get("/demo/", index)] = "demo"
+    for route in router.add_static("/demo/", DEMO_DIR):
+        labels[route] = "demo"
 
 
 def create_app(
@@ -418,6 +490,10 @@ def create_app(
         ("/metrics", handlers.metrics, "metrics"),
     ):
         labels[router.add_route("GET", path, handler)] = label
+    snippet = _Snippet()
+    labels[router.add_get(prefix + _normalise_path(collector.snippet_path), snippet.handle)] = "snippet"
+    if collector.demo:
+        _add_demo(router, labels)
 
     app.middlewares.append(_middleware(labels, frozenset(cors_routes), metrics))
     app[PUBLISHER] = publisher

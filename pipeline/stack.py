@@ -465,6 +465,8 @@ class Stack:
         env = dict(os.environ)
         env.update(self.env())
         env.setdefault("PYTHONUNBUFFERED", "1")
+        # The local stack is for development: its collector serves the demo site (/demo/).
+        env.setdefault("COLLECTOR_DEMO", "true")
         return env
 
     def up(self, *, services: bool = True) -> None:

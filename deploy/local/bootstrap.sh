@@ -10,6 +10,11 @@ need=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || need+=(postgresql)
 command -v java >/dev/null || need+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || need+=(maven)
+if [ "${1:-}" = "--test" ]; then
+  # The snippet's tests: Node's test runner, and Debian's Chromium for the browser tests.
+  command -v node >/dev/null || need+=(nodejs npm)
+  command -v chromium >/dev/null || need+=(chromium)
+fi
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "missing system packages: ${need[*]} (install them, or run this as root)" >&2
@@ -36,4 +41,13 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q -e ".${extras}"
   rm -f .venv/.installed-*
   touch "$stamp"
+fi
+
+# terser, to check that snippet/t.min.js is the minified snippet/t.js (npm ci only when the lock changed).
+if [ "${1:-}" = "--test" ]; then
+  npm_stamp="snippet/node_modules/.installed-$(sha1sum snippet/package-lock.json | cut -c1-12)"
+  if [ ! -f "$npm_stamp" ]; then
+    (cd snippet && npm ci --no-audit --no-fund --loglevel=error)
+    touch "$npm_stamp"
+  fi
 fi

@@ -12,5 +12,8 @@ was_running=0
 cleanup() { [ "$was_running" = 1 ] || .venv/bin/pipeline stack down; }
 trap cleanup EXIT
 
+# The website snippet's unit tests (Node's built-in runner); its browser tests are in pytest.
+node --test snippet/test/
+
 # pytest exits 5 when it collected no test: that is a failure here, and stays one.
 .venv/bin/python -m pytest -ra "$@"

@@ -11,6 +11,10 @@ cat <<INFO
 
 The pipeline is running. Logs: .stack/logs/ (collector, workers), .stack/kafka/, .stack/postgres/.
 A demo site exists: site_id=$SITE
+Open the demo website (it loads the snippet from the collector, /t.js):
+  ${COLLECTOR_URL%${COLLECTOR_PATH_PREFIX:-}}/demo/${COLLECTOR_PATH_PREFIX:+?collector=$COLLECTOR_URL}
+Click around, then see its rows (about 1 s later):
+  psql "$DATABASE_URL" -c "SELECT created_at, event_type, page_url, duration_seconds, custom_data FROM visitor_events WHERE site_id = '$SITE' ORDER BY created_at DESC LIMIT 20"
 
 Send a page view (tracking pixel) and a click (beacon):
   curl -s -o /dev/null -w '%{http_code}\n' "$COLLECTOR_URL/t.gif?site_id=$SITE&visitor_id=v1&page_url=https://example.com/"
