@@ -33,10 +33,11 @@ from aiohttp import web
 from uuid_utils import uuid7
 
 from pipeline import logs as pipeline_logs
-from pipeline.settings import PROJECT_ROOT, CollectorSettings, KafkaSettings
+from pipeline.settings import PROJECT_ROOT, CollectorSettings, KafkaSettings, PostgresSettings
 from schemas.event import ENVELOPE_VERSION, EventError, validate_event
 
 from .clientip import ClientIPResolver
+from .sites import SiteGate
 from .cookieless import CookielessIds
 from .logs import ThrottleFilter
 from .metrics import CONTENT_TYPE_LATEST, CollectorMetrics
@@ -126,7 +127,9 @@ def _normalise_path(path: str) -> str:
 class _Collector:
     """Request handlers; per-app state lives here rather than in module globals."""
 
-    def __init__(self, collector: CollectorSettings, publisher: Publisher, metrics: CollectorMetrics) -> None:
+    def __init__(self, collector: CollectorSettings, publisher: Publisher, metrics: CollectorMetrics,
+                 sites: SiteGate | None = None) -> None:
+        self._sites = sites
         self._publisher = publisher
         self._metrics = metrics
         self._resolver = ClientIPResolver(collector.trusted_proxies)
@@ -135,6 +138,10 @@ class _Collector:
         self._max_batch = collector.max_batch_events
         self._retry_after = {"Retry-After": str(collector.retry_after_s)}
         self._retry_after_s = collector.retry_after_s
+
+    def _check_site(self, fields: dict[str, Any]) -> None:
+        if self._sites is not None and not self._sites.allows(fields["site_id"]):
+            raise EventError("site_id", "unknown_site", "no such site")
 
     # ------------------------------------------------------------------ server stamps
 
@@ -229,6 +236,7 @@ class _Collector:
                     return _error(400, "repeated parameter", key, reason="invalid")
         try:
             fields = validate_event(raw)
+            self._check_site(fields)
         except EventError as exc:
             self._metrics.reject(exc.reason)
             return _json(400, exc.as_dict())
@@ -290,6 +298,7 @@ class _Collector:
         for index, item in enumerate(items):
             try:
                 fields = validate_event(item)
+                self._check_site(fields)
             except EventError as exc:
                 self._metrics.reject(exc.reason)
                 rejected.append({"index": index, **exc.as_dict()})
@@ -454,6 +463,7 @@ def _add_demo(router: web.UrlDispatcher, labels: dict[Any, str]) -> None:
 def create_app(
     collector: CollectorSettings,
     kafka: KafkaSettings,
+    pg: PostgresSettings | None = None,
     *,
     producer_factory: ProducerFactory | None = None,
 ) -> web.Application:
@@ -465,7 +475,8 @@ def create_app(
     """
     metrics = CollectorMetrics()
     publisher = Publisher(collector, kafka, metrics, producer_factory)
-    handlers = _Collector(collector, publisher, metrics)
+    sites = SiteGate(pg.database_url) if collector.reject_unknown_sites and pg is not None else None
+    handlers = _Collector(collector, publisher, metrics, sites)
 
     labels: dict[Any, str] = {}
     cors_routes: set[Any] = set()
@@ -509,6 +520,9 @@ def create_app(
         await publisher.stop()
 
     app.on_startup.append(start_producer)
+    if sites is not None:
+        app.on_startup.append(lambda _app: sites.start())
+        app.on_cleanup.append(lambda _app: sites.stop())
     app.on_shutdown.append(stop_being_ready)
     app.on_cleanup.append(stop_producer)
     return app
@@ -517,6 +531,7 @@ def create_app(
 async def serve(
     collector: CollectorSettings,
     kafka: KafkaSettings,
+    pg: PostgresSettings | None = None,
     *,
     stop: asyncio.Event | None = None,
 ) -> None:
@@ -526,7 +541,7 @@ async def serve(
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, ThrottleFilter) for f in server_log.filters):
         server_log.addFilter(ThrottleFilter())
-    app = create_app(collector, kafka)
+    app = create_app(collector, kafka, pg)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=collector.shutdown_timeout_s)
     await runner.setup()
     loop = asyncio.get_running_loop()
@@ -562,10 +577,10 @@ async def serve(
     log.info("collector.stopped")
 
 
-def run(collector: CollectorSettings, kafka: KafkaSettings) -> None:
+def run(collector: CollectorSettings, kafka: KafkaSettings, pg: PostgresSettings | None = None) -> None:
     """Blocking entry point for the CLI. Returns normally (exit status 0) after a
     graceful SIGTERM / SIGINT shutdown. Sets up JSON logging to stderr
     (``pipeline.logs``) unless the caller already configured logging."""
     if not logging.getLogger().handlers:
         pipeline_logs.setup("INFO", "json")
-    asyncio.run(serve(collector, kafka))
+    asyncio.run(serve(collector, kafka, pg))

@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("collector", help="run the aiohttp collector (HTTP -> Kafka)")
-    cfg.add_arguments(p, cfg.CollectorSettings, cfg.KafkaSettings, cfg.LogSettings)
+    cfg.add_arguments(p, cfg.CollectorSettings, cfg.KafkaSettings, cfg.PostgresSettings, cfg.LogSettings)
 
     p = sub.add_parser("worker", help="run a stream worker (consumer group member)")
     cfg.add_arguments(p, cfg.WorkerSettings, cfg.EnrichSettings, cfg.KafkaSettings, cfg.PostgresSettings,
@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "collector":
         from ingest.app import run
 
-        run(cfg.load(cfg.CollectorSettings, args), cfg.load(cfg.KafkaSettings, args))
+        run(cfg.load(cfg.CollectorSettings, args), cfg.load(cfg.KafkaSettings, args),
+            cfg.load(cfg.PostgresSettings, args))
         return 0
 
     if args.command == "worker":

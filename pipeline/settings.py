@@ -84,6 +84,10 @@ class CollectorSettings:
         "secret for the daily-rotating visitor hash used when a hit has no visitor_id",
     )
     shutdown_timeout_s: float = _opt(10.0, "COLLECTOR_SHUTDOWN_TIMEOUT", "grace period for in-flight requests")
+    reject_unknown_sites: bool = _opt(
+        False, "COLLECTOR_REJECT_UNKNOWN_SITES",
+        "answer 400 for site_ids not in the sites table (reads DATABASE_URL); else workers dead-letter them",
+    )
 
 
 @dataclass(frozen=True)

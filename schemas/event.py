@@ -74,6 +74,7 @@ SERVER_OWNED_FIELDS: Final = frozenset(
 
 Reason = Literal[
     "not_object", "missing", "invalid", "too_long", "out_of_range", "unknown_field", "server_owned",
+    "unknown_site",  # only with COLLECTOR_REJECT_UNKNOWN_SITES (ingest/sites.py)
 ]
 
 

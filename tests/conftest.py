@@ -154,7 +154,7 @@ async def topics(kafka_bootstrap):
 
 
 @contextlib.asynccontextmanager
-async def running_collector(kafka, settings=None):
+async def running_collector(kafka, settings=None, pg=None):
     """The real collector app on a local port; yields an aiohttp session based at it."""
     import aiohttp
     from aiohttp.test_utils import TestServer
@@ -162,7 +162,7 @@ async def running_collector(kafka, settings=None):
     from ingest.app import create_app
     from pipeline.settings import CollectorSettings
 
-    server = TestServer(create_app(settings or CollectorSettings(), kafka))
+    server = TestServer(create_app(settings or CollectorSettings(), kafka, pg))
     await server.start_server()
     try:
         async with aiohttp.ClientSession(base_url=str(server.make_url(""))) as http:
