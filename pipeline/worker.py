@@ -441,8 +441,8 @@ class Worker:
     async def _on_assigned(self, assigned: list[TopicPartition]) -> None:
         assert self.sink is not None and self.consumer is not None
         async with self._lock:
-            self._pending = [r for r in self._pending
-                             if TopicPartition(r.topic, r.partition) not in set(assigned)]
+            moved = {(tp.topic, tp.partition) for tp in assigned}
+            self._pending = [r for r in self._pending if (r.topic, r.partition) not in moved]
             by_topic: dict[str, list[int]] = {}
             for tp in assigned:
                 by_topic.setdefault(tp.topic, []).append(tp.partition)
