@@ -197,7 +197,8 @@ async def test_offsets_and_sessions_are_stored_with_the_rows(topics, pipeline_db
                 assert r.status == 200
     metrics = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
                if line and not line.startswith("#")}
-    assert metrics["worker_events_consumed_total"] == 10
+    # Reads may repeat (a rebalance while joining re-reads uncommitted records); stores do not.
+    assert metrics["worker_events_consumed_total"] >= 10
     assert metrics["worker_events_stored_total"] == 10
     assert metrics["worker_partitions_assigned"] == 6
     assert metrics["worker_end_to_end_seconds_count"] == 10
