@@ -151,7 +151,10 @@ async def test_poison_messages_are_dead_lettered_neighbours_stored_and_replay_wo
     async with worker(topics, dsn):
         assert await wait_for_count(dsn, "SELECT count(*) FROM visitor_events", 6) == 6
         letters = await read_topic(topics.bootstrap, topics.dlq_topic, len(poison))
-    docs = [orjson.loads(r.value) for r in letters]
+    # Dead letters are at least once (a batch re-read after a rebalance publishes again):
+    # one per source record is what counts.
+    docs = list({(d["source"]["partition"], d["source"]["offset"]): d
+                 for d in (orjson.loads(r.value) for r in letters)}.values())
     assert sorted(d["reason"] for d in docs) == sorted(reason for _, reason in poison)
     offsets = sorted(d["source"]["offset"] for d in docs)
     assert offsets == [3, 4, 5, 6, 7, 8]  # their place in the partition, for inspection
@@ -167,7 +170,9 @@ async def test_poison_messages_are_dead_lettered_neighbours_stored_and_replay_wo
     await conn.execute("INSERT INTO public.sites (id, name) VALUES ($1, 'late site')", other_site)
     await conn.close()
     counts = await dlq.replay(topics, reasons={"store_failed", "unknown_site"})
-    assert counts == {"seen": 6, "replayed": 2, "skipped": 4}
+    replayable = sum(orjson.loads(r.value)["reason"] in ("store_failed", "unknown_site") for r in letters)
+    assert replayable >= 2
+    assert counts == {"seen": len(letters), "replayed": replayable, "skipped": len(letters) - replayable}
     async with worker(topics, dsn):
         assert await wait_for_count(dsn, "SELECT count(*) FROM visitor_events", 8) == 8
         rows = await fetch(dsn, "SELECT visitor_id, site_id::text FROM visitor_events "
