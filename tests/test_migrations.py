@@ -186,11 +186,22 @@ async def test_inside_a_transaction_is_refused(db):
             await migrate.apply_migrations(db)
 
 
-async def test_unpartitioned_visitor_events_is_left_alone(db):
+async def test_unpartitioned_visitor_events_is_converted(db):
+    # the full Supabase case (23 columns, foreign keys, interruptions) is in test_supabase.py
     await db.execute("CREATE TABLE public.visitor_events (id uuid PRIMARY KEY, event_type text)")
-    await db.execute("INSERT INTO public.visitor_events VALUES (gen_random_uuid(), 'legacy')")
+    legacy_id = await db.fetchval("INSERT INTO public.visitor_events VALUES (gen_random_uuid(), 'legacy') RETURNING id")
+    assert await migrate.apply_migrations(db) == ALL_VERSIONS
+    assert await db.fetchval("SELECT relkind::text FROM pg_class WHERE oid = 'public.visitor_events'::regclass") == "p"
+    assert await db.fetchval("SELECT event_type FROM public.visitor_events WHERE id = $1", legacy_id) == "legacy"
+    assert await db.fetchval("SELECT to_regclass('pipeline.visitor_events_legacy')") is None
+
+
+async def test_unconvertible_visitor_events_is_left_alone(db):
+    # a column the partitioned table does not have would be lost: refuse, touch nothing
+    await db.execute("CREATE TABLE public.visitor_events (id uuid PRIMARY KEY, event_type text, extra int)")
+    await db.execute("INSERT INTO public.visitor_events VALUES (gen_random_uuid(), 'legacy', 1)")
     before = await _catalog_without_pipeline(db)
-    with pytest.raises(migrate.UnpartitionedVisitorEventsError, match="not partitioned"):
+    with pytest.raises(migrate.UnpartitionedVisitorEventsError, match="extra integer"):
         await migrate.apply_migrations(db)
     assert await db.fetchval("SELECT relkind::text FROM pg_class WHERE oid = 'public.visitor_events'::regclass") == "r"
     assert await db.fetchval("SELECT event_type FROM public.visitor_events") == "legacy"
