@@ -64,6 +64,8 @@ class WorkerMetrics:
                                      registry=r, buckets=(.05, .1, .25, .5, 1, 2, 5, 10, 30, 60, 300))
         self.retries = Counter("worker_sink_retries", "sink attempts that failed and were retried",
                                registry=r)
+        self.stale = Counter("worker_stale_records_skipped",
+                             "records delivered from before the claimed offset, skipped", registry=r)
         self.fenced = Counter("worker_batches_fenced", "batches dropped: partition owned by another worker",
                               registry=r)
         self.lag = Gauge("worker_consumer_lag", "records behind the partition end", ["partition"], registry=r)
@@ -114,6 +116,8 @@ class Worker:
         self._lock = asyncio.Lock()  # one batch at a time; rebalance callbacks wait for it
         self._rebalancing = False
         self._pending: list[ConsumerRecord] = []
+        # (topic, partition) -> next offset to accept (None: whatever comes first), per owned partition
+        self._next: dict[tuple[str, int], int | None] = {}
         self._inflight: asyncio.Task[bool] | None = None  # the batch being written
         self._deadline: float | None = None  # give up retrying the write after this
         self._states: OrderedDict[VisitorKey, VisitorState] = OrderedDict()
@@ -204,8 +208,19 @@ class Worker:
             data = await self.consumer.getmany(timeout_ms=timeout_ms,
                                                max_records=self.cfg.batch_rows - len(self._pending))
             for tp, records in data.items():
-                if self.sink and self.sink.owns(tp.topic, tp.partition):
+                key = (tp.topic, tp.partition)
+                if key not in self._next or not (self.sink and self.sink.owns(*key)):
+                    continue
+                # A fetch that was in flight when the partition was (re)claimed may still
+                # deliver records from before the claimed offset: never process them twice.
+                expected = self._next[key]
+                if expected is not None and records[0].offset < expected:
+                    stale = len(records)
+                    records = [r for r in records if r.offset >= expected]
+                    self.metrics.stale.inc(stale - len(records))
+                if records:
                     self._pending.extend(records)
+                    self._next[key] = records[-1].offset + 1
                     self.metrics.consumed.inc(len(records))
             if self._pending and first is None:
                 first = time.monotonic()
@@ -321,10 +336,10 @@ class Worker:
         self.metrics.sink_up.set(1)
         self.metrics.copy_seconds.observe(time.monotonic() - started)
         self.metrics.batch_size.observe(len(p.records))
-        self.metrics.stored.inc(result.stored)
+        self.metrics.stored.inc(len(result.stored))
         self.metrics.duplicates.inc(result.duplicates)
-        for t in p.received_at:
-            self.metrics.e2e_seconds.observe(max(0.0, now - t / 1000))
+        for i in result.stored:  # rows stored now, not those a re-read batch repeated
+            self.metrics.e2e_seconds.observe(max(0.0, now - p.received_at[i] / 1000))
         self._informative_commit(p.batch.offsets)
         await self._update_lag()
         return True
@@ -429,6 +444,7 @@ class Worker:
                 assert self.sink is not None
                 for tp in revoked:
                     self.sink.release(tp.topic, [tp.partition])
+                    self._next.pop((tp.topic, tp.partition), None)
                     try:
                         self.metrics.lag.remove(str(tp.partition))
                     except KeyError:
@@ -451,6 +467,7 @@ class Worker:
                                               self.cfg.retry_max_s, self._stop)
                 for p, offset in resume.items():
                     tp = TopicPartition(topic, p)
+                    self._next[(topic, p)] = offset
                     if offset is None:
                         await self.consumer.seek_to_beginning(tp)
                     else:

@@ -61,7 +61,7 @@ class Batch:
 
 @dataclass
 class WriteResult:
-    stored: int
+    stored: list[int]  # indexes of the batch's rows stored by this write
     duplicates: int
     rejected: Rejected
 
@@ -152,7 +152,8 @@ class PostgresSink:
                 await self._backfill(conn, batch.backfills)
             if rejected and on_rejected is not None:
                 await on_rejected(rejected)
-        return WriteResult(stored=len(rows) - duplicates - len(rejected), duplicates=duplicates,
+        not_stored = {i for i, _ in rejected} | set(dup_now)
+        return WriteResult(stored=[i for i in fresh if i not in not_stored], duplicates=duplicates,
                            rejected=rejected)
 
     async def _backfill(self, conn: asyncpg.Connection, backfills: list[tuple[str, str, str, datetime]]) -> None:

@@ -37,13 +37,10 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
-from conftest import create_topics, read_topic, wait_for_count
+from conftest import create_topics, read_topic, running_worker, wait_for_count
 from ingest.app import PUBLISHER, create_app
 from ingest.publisher import Unavailable
-from pipeline.settings import (
-    PROJECT_ROOT, CollectorSettings, EnrichSettings, KafkaSettings, PostgresSettings, WorkerSettings,
-)
-from pipeline.worker import Worker
+from pipeline.settings import PROJECT_ROOT, CollectorSettings, KafkaSettings
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 # Without the background-networking switches Chromium's own outbound connections (which
@@ -316,14 +313,10 @@ async def pipeline(kafka_bootstrap, pipeline_db):
         pipe.requests.append(events)
 
     publisher.publish = publish
-    worker = Worker(WorkerSettings(group_id=f"g-{events}", metrics_port=0, batch_ms=100), kafka,
-                    PostgresSettings(database_url=dsn), EnrichSettings())
-    task = asyncio.create_task(worker.run())
     try:
-        yield pipe
+        async with running_worker(kafka, dsn):
+            yield pipe
     finally:
-        worker.stop_nowait()
-        await asyncio.wait_for(task, 30)
         await server.close()
 
 
