@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import glob
+import hashlib
 import logging
 import os
 import shutil
@@ -272,11 +273,12 @@ class Postgres:
 
     @property
     def data(self) -> Path:
-        return self.dir / "data"
+        # Resolved: the server's user may not traverse the checkout (see _make_home).
+        return self.dir.resolve() / "data"
 
     @property
     def log_file(self) -> Path:
-        return self.dir / "postgres.log"
+        return self.dir.resolve() / "postgres.log"
 
     @property
     def admin_url(self) -> str:
@@ -317,9 +319,7 @@ class Postgres:
     def _start(self) -> None:
         if _port_open("127.0.0.1", self.stack.pg_port) and not self.running():
             raise StackError(f"port {self.stack.pg_port} is taken by another process (set PG_PORT)")
-        self.dir.mkdir(parents=True, exist_ok=True)
-        if os.geteuid() == 0:
-            shutil.chown(self.dir, "postgres")
+        self._make_home()
         if not (self.data / "PG_VERSION").exists():
             shutil.rmtree(self.data, ignore_errors=True)
             self._run([self._bin("initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust",
@@ -330,6 +330,26 @@ class Postgres:
         )
         self._run([self._bin("pg_ctl"), "-D", str(self.data), "-o", opts, "-l", str(self.log_file),
                    "-w", "-t", "60", "start"])
+
+    def _make_home(self) -> None:
+        """The cluster's directory, writable by the server's user. As root that is the
+        'postgres' system user, who may not be able to reach a checkout under a private
+        directory: then the directory lives in /var/tmp and .stack/postgres links to it."""
+        if self.dir.exists():
+            return
+        self.dir.mkdir(parents=True)
+        if os.geteuid() != 0:
+            return
+        shutil.chown(self.dir, "postgres")
+        reachable = subprocess.run(["runuser", "-u", "postgres", "--", "test", "-w", str(self.dir)],
+                                   capture_output=True).returncode == 0
+        if not reachable:
+            self.dir.rmdir()
+            digest = hashlib.sha1(str(self.dir.resolve()).encode()).hexdigest()[:10]
+            home = Path("/var/tmp") / f"pipeline-postgres-{digest}"
+            home.mkdir(exist_ok=True)
+            shutil.chown(home, "postgres")
+            self.dir.symlink_to(home)
 
     async def _ensure_database(self) -> None:
         name = self.database_url.rsplit("/", 1)[-1]
