@@ -28,6 +28,7 @@ class SiteGate:
         self._ids: set[str] | None = None  # None: unknown, let everything through
         self._conn: asyncpg.Connection | None = None
         self._task: asyncio.Task | None = None
+        self._rechecks: set[asyncio.Task] = set()  # the loop keeps only weak references
 
     def allows(self, site_id: str) -> bool:
         return self._ids is None or site_id in self._ids
@@ -65,7 +66,9 @@ class SiteGate:
         except orjson.JSONDecodeError:
             return
         if msg.get("t") == "sites" and msg.get("site"):
-            asyncio.ensure_future(self._recheck(conn, msg["site"]))
+            task = asyncio.ensure_future(self._recheck(conn, msg["site"]))
+            self._rechecks.add(task)
+            task.add_done_callback(self._rechecks.discard)
 
     async def _recheck(self, conn: asyncpg.Connection, site_id: str) -> None:
         """Inserted or deleted? Ask (the payload does not say)."""

@@ -20,7 +20,9 @@ from typing import Any
 import asyncpg
 import orjson
 
-from processors.attribution import Experiment, Lead, Needs, RefSnapshot, Segment, Site, SiteRefs, order_segments
+from processors.attribution import (
+    Experiment, Lead, Needs, RefSnapshot, Segment, Site, SiteRefs, as_uuid, order_segments,
+)
 
 log = logging.getLogger("pipeline.refdata")
 
@@ -156,7 +158,7 @@ class RefCache:
     async def _load_leads(self, conn: asyncpg.Connection, ids: list[str], now: float) -> None:
         rows = await conn.fetch(
             "SELECT id::text, site_id::text, segment_id::text FROM public.leads WHERE id = ANY($1::uuid[])",
-            [i for i in ids if _is_uuid(i)])
+            [i for i in ids if as_uuid(i) is not None])
         leads = {r["id"]: Lead(r["id"], r["site_id"], r["segment_id"]) for r in rows}
         for i in ids:
             value = leads.get(i)
@@ -185,13 +187,3 @@ def _keywords(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list):
         return ()
     return tuple(k.strip().lower() for k in value if isinstance(k, str) and k.strip())
-
-
-def _is_uuid(value: str) -> bool:
-    import uuid
-
-    try:
-        uuid.UUID(value)
-        return True
-    except ValueError:
-        return False

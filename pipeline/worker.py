@@ -123,6 +123,7 @@ class Worker:
         self._states: OrderedDict[VisitorKey, VisitorState] = OrderedDict()
         self.refs: RefCache | None = None
         self._upkeep: asyncio.Task | None = None
+        self._background: set[asyncio.Task] = set()  # informative commits in flight
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self.pool: asyncpg.Pool | None = None
@@ -488,7 +489,9 @@ class Worker:
             except KafkaError:
                 pass  # informative only; the offsets that count are in Postgres
 
-        asyncio.ensure_future(commit())
+        task = asyncio.ensure_future(commit())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _update_lag(self) -> None:
         assert self.consumer is not None

@@ -217,7 +217,8 @@ def _utm_campaign(refs: SiteRefs, params: Mapping[str, str]) -> str | None:
     return hit.id if hit is not None else None
 
 
-def _as_uuid(value: object) -> str | None:
+def as_uuid(value: object) -> str | None:
+    """The canonical form of a UUID string, else None."""
     if not isinstance(value, str) or len(value) not in (32, 36):
         return None
     try:
@@ -275,7 +276,7 @@ def attribute(event: Mapping, refs: SiteRefs, lookup_lead: LeadLookup, visitor: 
     # Experiment: named on the event, else the visitor's running one.
     experiment_id = None
     named_exp = event.get("experiment_id") or (
-        _as_uuid(custom_in.get("experiment")) if isinstance(custom_in, dict) else None)
+        as_uuid(custom_in.get("experiment")) if isinstance(custom_in, dict) else None)
     if named_exp:
         exp = refs.experiments.get(named_exp)
         if exp is not None and exp.running_at(t):

@@ -190,23 +190,16 @@ def _check_tree(field: str, root: dict[str, Any]) -> None:
         if depth > MAX_CUSTOM_DATA_DEPTH:
             raise EventError(field, "invalid", f"nested deeper than {MAX_CUSTOM_DATA_DEPTH} levels")
         if type(node) is dict:
-            for k, v in node.items():
-                if "\x00" in k:
+            if any("\x00" in k for k in node):
+                raise EventError(field, "invalid", "contains a NUL character")
+            node = node.values()
+        for v in node:
+            t = type(v)
+            if t is str:
+                if "\x00" in v:
                     raise EventError(field, "invalid", "contains a NUL character")
-                t = type(v)
-                if t is str:
-                    if "\x00" in v:
-                        raise EventError(field, "invalid", "contains a NUL character")
-                elif t is dict or t is list:
-                    push((v, depth + 1))
-        else:
-            for v in node:
-                t = type(v)
-                if t is str:
-                    if "\x00" in v:
-                        raise EventError(field, "invalid", "contains a NUL character")
-                elif t is dict or t is list:
-                    push((v, depth + 1))
+            elif t is dict or t is list:
+                push((v, depth + 1))
 
 
 def _custom_data(field: str, value: Any) -> dict[str, Any]:
