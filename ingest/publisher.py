@@ -5,19 +5,18 @@
 into a 503 with Retry-After. Nothing is dropped silently and nothing queues without
 bound:
 
-* A byte budget covers every record from the moment a request hands it over until
-  its delivery future settles. The accumulator holds the bytes exactly that long, so
-  the budget bounds the producer's memory. While it is exhausted, new requests are
-  refused at once.
-* The wait for acks is limited by ``publish_timeout_s``. The delivery futures are
-  shielded from that timeout. Cancelling them would not stop delivery (the record is
-  already in a batch), but it would free the budget early. An idempotent producer
-  retries without end while Kafka is down, so that would let memory grow without
-  limit. A record whose request timed out may still be delivered later; the client
-  retries with the same ``event_id`` and downstream de-duplicates on it.
-
-* Timeouts: every request waits at most ``publish_timeout_s``, so deadlines arrive in
-  order and one sweeper timer serves them all (see ``_sweep``).
+* A byte budget covers every record from the moment librdkafka takes it until its
+  delivery report arrives (which always happens: acked, failed, or purged on
+  shutdown). librdkafka holds the bytes exactly that long, so the budget bounds the
+  producer's memory. While it is exhausted, new requests are refused at once.
+* The wait for acks is limited by ``publish_timeout_s``: at the deadline the request's
+  future is cancelled, and it answers 503. Its records stay budgeted: they are still
+  queued and retried (up to librdkafka's ``message.timeout.ms``), and releasing their
+  bytes early would let memory grow without limit while Kafka is down. A record whose
+  request timed out may still be delivered later; the client retries with the same
+  ``event_id`` and downstream de-duplicates on it.
+* Deadlines arrive in order (every request waits at most ``publish_timeout_s``), so
+  one sweeper timer serves them all (see ``_sweep``).
 
 If Kafka is unreachable at start, the app still comes up (liveness is fine;
 ``/readyz`` says 503). Publishing then refuses with 503, and the producer keeps
@@ -31,18 +30,17 @@ import asyncio
 import collections
 import logging
 import socket
-import zlib
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
-from aiokafka.errors import MessageSizeTooLargeError
+from confluent_kafka import KafkaError, KafkaException
 
 from pipeline.settings import CollectorSettings, KafkaSettings
 
 from .logs import Throttle
 from .metrics import CollectorMetrics
+from .rdkafka import DeliveryFailed, RdKafkaProducer
 
 log = logging.getLogger("ingest.publisher")
 
@@ -52,7 +50,6 @@ log = logging.getLogger("ingest.publisher")
 RECORD_OVERHEAD_BYTES = 256
 STARTUP_ATTEMPT_TIMEOUT_S = 10.0
 RECONNECT_BACKOFF_S = (0.5, 10.0)  # first, max (doubling)
-PRODUCER_BATCH_BYTES = 256 * 1024
 # A shared readiness probe older than this is cancelled, so one stuck metadata request
 # cannot pin /readyz at 503 after Kafka is back.
 PROBE_MAX_S = 5.0
@@ -60,15 +57,18 @@ PROBE_MAX_S = 5.0
 SWEEP_INTERVAL_S = 0.05
 
 
-class _Wait:
-    """One request's publish deadline (see ``Publisher._sweep``)."""
+class _Request:
+    """One request's records in flight, and its publish deadline (see ``Publisher._sweep``)."""
 
-    __slots__ = ("deadline", "task", "outer", "active", "expired")
+    __slots__ = ("deadline", "future", "left", "timestamp_ms", "error", "unsent", "active", "expired")
 
-    def __init__(self, deadline: float, task: asyncio.Task | None) -> None:
+    def __init__(self, deadline: float, future: asyncio.Future, left: int, timestamp_ms: int) -> None:
         self.deadline = deadline
-        self.task = task
-        self.outer: asyncio.Future | None = None  # set while waiting for acks
+        self.future = future  # what the request awaits: all acked, or the first failure
+        self.left = left  # records without a delivery report yet
+        self.timestamp_ms = timestamp_ms
+        self.error: Exception | None = None
+        self.unsent = False  # librdkafka refused one of its records: send no more of them
         self.active = True
         self.expired = False
 
@@ -89,34 +89,22 @@ class TooLarge(Exception):
     """A single record exceeds the producer's max request size (client-caused: 413)."""
 
 
-def crc32_partitioner(key: bytes | None, all_partitions: Sequence[int], available: Sequence[int]) -> int:
-    """Key -> partition, stable across processes and restarts.
-
-    aiokafka's default (Java-compatible murmur2) is pure Python, about 17 us per key:
-    a large share of the per-event cost. Only collectors write this topic, so any
-    stable hash keeps a visitor's events on one partition; zlib.crc32 is C-fast.
-    Partition ids of a Kafka topic are always 0..n-1.
-    """
-    if key is None:
-        return available[0] if available else all_partitions[0]
-    return zlib.crc32(key) % len(all_partitions)
-
-
 ProducerFactory = Callable[[], Any]
 
 
 def producer_options(collector: CollectorSettings, kafka: KafkaSettings) -> dict[str, Any]:
-    """Keyword arguments of the collector's ``AIOKafkaProducer`` (tests reuse them)."""
+    """librdkafka configuration of the collector's producer (tests reuse it)."""
     return {
-        "bootstrap_servers": kafka.bootstrap,
-        "client_id": f"collector-{socket.gethostname()}",
+        "bootstrap.servers": kafka.bootstrap,
+        "client.id": f"collector-{socket.gethostname()}",
         "acks": "all",
-        "enable_idempotence": True,
-        "linger_ms": collector.linger_ms,
-        # send() blocks while its partition's batch is full and not yet drained; a larger
-        # batch absorbs bursts while a produce request is in flight.
-        "max_batch_size": PRODUCER_BATCH_BYTES,
-        "partitioner": crc32_partitioner,
+        "enable.idempotence": True,
+        "linger.ms": collector.linger_ms,
+        # CRC-32 of the key: one visitor's events on one partition, as before (rdkafka.py).
+        "partitioner": "consistent_random",
+        # Our byte budget is the real limit; librdkafka's own queue (1 GiB by default)
+        # is capped near it as a second guard, so a bug cannot queue without bound.
+        "queue.buffering.max.kbytes": max(1024, 2 * collector.max_inflight_bytes // 1024),
     }
 
 
@@ -146,14 +134,17 @@ class Publisher:
         # Every request waits at most publish_timeout_s, so deadlines arrive in order:
         # a FIFO plus one timer replaces a timer per request (asyncio.timeout costs ~6 us
         # and grows the loop's timer heap under load).
-        self._waits: collections.deque[_Wait] = collections.deque()
+        self._waits: collections.deque[_Request] = collections.deque()
         self._sweep_handle: asyncio.TimerHandle | None = None
+        # Records waiting for the end of this loop iteration (see _drain).
+        self._outbox: list[tuple[_Request, bytes, bytes, int]] = []
+        self._drain_scheduled = False
         metrics.bind_state(
-            lambda: self.inflight_bytes, lambda: self.inflight_events, lambda: 1 if self.producer else 0
+            lambda: self.inflight_bytes, lambda: self.inflight_events, lambda: 0 if self.producer is None else 1
         )
 
-    def _default_producer(self) -> AIOKafkaProducer:
-        return AIOKafkaProducer(**self.producer_options)
+    def _default_producer(self) -> RdKafkaProducer:
+        return RdKafkaProducer(self.producer_options)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -165,8 +156,8 @@ class Publisher:
     async def _attempt(self, attempt: int = 1) -> bool:
         producer = self._factory()
         try:
-            async with asyncio.timeout(STARTUP_ATTEMPT_TIMEOUT_S):
-                await producer.start()
+            async with asyncio.timeout(STARTUP_ATTEMPT_TIMEOUT_S + 1):
+                await producer.start(STARTUP_ATTEMPT_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - any failure means "not connected yet"
             await _quiet_stop(producer)
             log.warning(
@@ -213,18 +204,15 @@ class Publisher:
         if producer is None:
             return
         pending = self.inflight_events
-        try:
-            # stop() flushes first; an idempotent producer retries for ever while Kafka
-            # is down, so bound it or SIGTERM would never finish.
-            async with asyncio.timeout(self._flush_timeout):
-                await producer.stop()
-        except TimeoutError:
+        # The flush is bounded: the producer retries while Kafka is down, and SIGTERM
+        # must finish.
+        left = await producer.stop(self._flush_timeout)
+        if left:
             # No client got a 2xx for these (their requests timed out or were cut off).
             log.error(
                 "collector.kafka_flush_timeout",
-                extra={"unflushed_events": self.inflight_events, "timeout_s": self._flush_timeout},
+                extra={"unflushed_events": left, "timeout_s": self._flush_timeout},
             )
-            await _quiet_close(producer)
             return
         log.info("collector.kafka_flushed", extra={"flushed_events": pending})
 
@@ -240,17 +228,15 @@ class Publisher:
         producer = self.producer
         if producer is None or self._stopping:
             return False
-        # aiokafka internals, read defensively: if its send loop died (a fatal error),
-        # the producer accepts records it can never deliver.
-        sender = getattr(producer, "_sender", None)
-        task = getattr(sender, "sender_task", None)
-        if task is not None and task.done():
+        # After a fatal error (or if its poll thread died) the producer accepts records
+        # it can never deliver.
+        if producer.fatal is not None or not producer.running:
             return False
         probe = self._probe
         if probe is None or probe.done():
+            # list_topics() has its own timeout; wait_for is the backstop for anything stuck.
             probe = self._probe = asyncio.ensure_future(
-                asyncio.wait_for(producer.client.fetch_all_metadata(), PROBE_MAX_S)
-            )
+                asyncio.wait_for(producer.metadata(PROBE_MAX_S), PROBE_MAX_S + 1))
             probe.add_done_callback(_consume_exception)
         try:
             async with asyncio.timeout(timeout_s):
@@ -261,13 +247,20 @@ class Publisher:
 
     # ------------------------------------------------------------------ publishing
 
-    def _settled(self, cost: int, fut: asyncio.Future) -> None:
-        self.inflight_bytes -= cost
-        self.inflight_events -= 1
-        if not fut.cancelled() and fut.exception() is not None:  # also marks it retrieved
-            self._throttle.log(
-                logging.WARNING, "delivery", "collector.delivery_failed", error=repr(fut.exception())
-            )
+    def _delivered(self, request: _Request, cost: int, error: Exception | None) -> None:
+        """One record's delivery report (on the loop thread): its bytes leave the budget
+        now, whatever became of the request that sent it."""
+        self._release(cost)
+        if error is not None:
+            self._throttle.log(logging.WARNING, "delivery", "collector.delivery_failed", error=repr(error))
+            if request.error is None:
+                request.error = error
+        request.left -= 1
+        if request.left == 0 and not request.future.done():
+            if request.error is None:
+                request.future.set_result(None)
+            else:
+                request.future.set_exception(request.error)
 
     async def publish(self, records: Sequence[tuple[bytes, bytes]], timestamp_ms: int) -> None:
         """Send (key, value) records; return once Kafka acknowledged all of them.
@@ -277,6 +270,8 @@ class Publisher:
         producer = self.producer
         if producer is None:
             raise Unavailable("shutting_down" if self._stopping else "kafka_not_ready")
+        if producer.fatal is not None:
+            raise Unavailable("kafka_error", producer.fatal.str())
         n = len(records)
         cost = RECORD_OVERHEAD_BYTES * n
         for key, value in records:
@@ -287,73 +282,98 @@ class Publisher:
             raise Unavailable("backpressure")
         self.inflight_bytes += cost
         self.inflight_events += n
-        unowned_cost, unowned_events = cost, n  # released below unless a future owns them
-        send, topic, settled = producer.send, self._topic, self._settled
         loop = asyncio.get_running_loop()
         started = loop.time()
-        wait = _Wait(started + self._timeout, asyncio.current_task())
-        self._waits.append(wait)
+        request = _Request(started + self._timeout, loop.create_future(), n, timestamp_ms)
+        outbox = self._outbox
+        for key, value in records:
+            outbox.append((request, key, value, len(key) + len(value) + RECORD_OVERHEAD_BYTES))
+        if not self._drain_scheduled:
+            self._drain_scheduled = True
+            loop.call_soon(self._drain)
+        self._waits.append(request)
         if self._sweep_handle is None:
-            self._sweep_handle = loop.call_at(max(wait.deadline, started + SWEEP_INTERVAL_S), self._sweep)
+            self._sweep_handle = loop.call_at(max(request.deadline, started + SWEEP_INTERVAL_S), self._sweep)
         try:
-            futures: list[asyncio.Future] = []
-            for key, value in records:
-                # Usually returns at once; it waits only for topic metadata or buffer
-                # space. A timeout there cancels send() itself, so that record is never sent.
-                fut = await send(topic, value, key, timestamp_ms=timestamp_ms)
-                record_cost = len(key) + len(value) + RECORD_OVERHEAD_BYTES
-                unowned_cost -= record_cost
-                unowned_events -= 1
-                fut.add_done_callback(partial(settled, record_cost))
-                futures.append(fut)
-            if n == 1:
-                acks = futures[0]
-            else:
-                acks = asyncio.gather(*futures)
-                acks.add_done_callback(_consume_exception)
-            # The timeout cancels only this shield, never the delivery futures: they
-            # keep their bytes budgeted until Kafka settles them.
-            wait.outer = asyncio.shield(acks)
-            await wait.outer
+            # The sweeper cancels only this future at the deadline; the records keep
+            # their bytes budgeted until Kafka settles them (see the module docstring).
+            await request.future
         except asyncio.CancelledError:
-            if not wait.expired:
+            if not request.expired:
                 raise
-            if wait.outer is None:  # expired during send(): we cancelled the task
-                asyncio.current_task().uncancel()
             raise Unavailable("publish_timeout", f"no ack within {self._timeout}s") from None
-        except MessageSizeTooLargeError as exc:
-            raise TooLarge(str(exc)) from None
-        except Exception as exc:  # noqa: BLE001 - whatever the producer raises, the answer is 503
+        except (Unavailable, TooLarge):
+            raise
+        except DeliveryFailed as exc:
+            if exc.too_large:
+                raise TooLarge(str(exc)) from None
+            raise Unavailable("kafka_error", repr(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - whatever the producer reports, the answer is 503
             raise Unavailable("kafka_error", repr(exc)) from None
         finally:
-            wait.active = False
-            wait.task = wait.outer = None
+            request.active = False
             waits = self._waits
             while waits and not waits[0].active:  # acks mostly come in order: O(1) amortised
                 waits.popleft()
-            if unowned_events:
-                self.inflight_bytes -= unowned_cost
-                self.inflight_events -= unowned_events
         self._metrics.publish_latency.observe(loop.time() - started)
 
+    def _drain(self) -> None:
+        """Hand the records of this loop iteration to librdkafka in one go.
+
+        Deferring to the end of the iteration costs nothing in latency, and records
+        produced back to back wake librdkafka's broker thread once rather than once
+        per request (each wake-up costs the loop ~10 us of blocking in produce())."""
+        self._drain_scheduled = False
+        outbox, self._outbox = self._outbox, []
+        producer = self.producer
+        delivered = self._delivered
+        topic = self._topic
+        for request, key, value, cost in outbox:
+            if request.unsent:  # an earlier record of its request was refused
+                self._release(cost)
+                continue
+            if producer is None:
+                self._refuse(request, cost, Unavailable("shutting_down"))
+                continue
+            try:
+                producer.send(topic, value, key, request.timestamp_ms, partial(delivered, request, cost))
+            except BufferError:
+                self._refuse(request, cost, Unavailable("backpressure", "producer queue full"))
+            except KafkaException as exc:
+                error = exc.args[0] if exc.args else None
+                if isinstance(error, KafkaError) and error.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+                    self._refuse(request, cost, TooLarge(str(exc)))
+                else:
+                    self._refuse(request, cost, Unavailable("kafka_error", repr(exc)))
+            except Exception as exc:  # noqa: BLE001 - whatever the producer raises, the answer is 503
+                self._refuse(request, cost, Unavailable("kafka_error", repr(exc)))
+
+    def _release(self, cost: int) -> None:
+        self.inflight_bytes -= cost
+        self.inflight_events -= 1
+
+    def _refuse(self, request: _Request, cost: int, exc: Exception) -> None:
+        """librdkafka refused a record: fail its request; its later records are not
+        sent (those already sent still settle through their delivery reports)."""
+        self._release(cost)
+        request.unsent = True
+        if not request.future.done():
+            request.future.set_exception(exc)
+
     def _sweep(self) -> None:
-        """Expire overdue publishes: cancel the ack wait (shield), or the task while it
-        is still inside send()."""
+        """Expire overdue publishes by cancelling the future their request awaits."""
         self._sweep_handle = None
         loop = asyncio.get_running_loop()
         now = loop.time()
         waits = self._waits
         while waits:
-            wait = waits[0]
-            if wait.active:
-                if wait.deadline > now:
+            request = waits[0]
+            if request.active:
+                if request.deadline > now:
                     break
-                wait.active = False
-                wait.expired = True
-                if wait.outer is not None:
-                    wait.outer.cancel()
-                elif wait.task is not None:
-                    wait.task.cancel()
+                request.active = False
+                request.expired = True
+                request.future.cancel()
             waits.popleft()
         if waits:
             self._sweep_handle = loop.call_at(max(waits[0].deadline, now + SWEEP_INTERVAL_S), self._sweep)
@@ -379,18 +399,8 @@ def _consume_exception(fut: asyncio.Future) -> None:
         fut.exception()
 
 
-async def _quiet_close(producer: Any) -> None:
-    # After an abandoned stop(): drop the connections (the sender task is cancelled
-    # with the loop's remaining tasks).
-    try:
-        async with asyncio.timeout(1.0):
-            await producer.client.close()
-    except Exception:  # noqa: BLE001 - best effort on the way out
-        log.debug("collector.kafka_close_failed", exc_info=True)
-
-
 async def _quiet_stop(producer: Any) -> None:
     try:
-        await producer.stop()
+        await producer.stop(0)  # it never took a record: nothing to flush
     except Exception:  # noqa: BLE001 - best-effort cleanup of a producer that never ran
         log.debug("collector.producer_stop_failed", exc_info=True)

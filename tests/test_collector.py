@@ -27,15 +27,15 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaConnectionError
+from confluent_kafka import KafkaError, KafkaException
 from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from ingest import PUBLISHER, TRANSPARENT_GIF, create_app
 from ingest.clientip import MAX_HOPS, ClientIPResolver, parse_hop
 from ingest.cookieless import CookielessIds
-from ingest.publisher import PROBE_MAX_S, crc32_partitioner, producer_options
+from ingest.publisher import PROBE_MAX_S, producer_options
+from ingest.rdkafka import RdKafkaProducer
 from collector_support import create_topic, delete_topic, read_topic, running_collector, send_events
 from pipeline.settings import PROJECT_ROOT, CollectorSettings, KafkaSettings
 
@@ -146,51 +146,44 @@ async def metrics(http: aiohttp.ClientSession, svc) -> dict[tuple[str, tuple], f
         return metric_samples(await r.text())
 
 
-class GatedProducer(AIOKafkaProducer):
-    """A real producer whose acks the test can hold back.
+class GatedProducer(RdKafkaProducer):
+    """A real producer whose delivery reports the test can hold back.
 
-    Records go to Kafka as usual; while ``gate`` is closed the future the collector
-    awaits resolves only after the gate opens (a slow or stalled cluster, seen from the
-    collector). While ``send_gate`` is closed ``send`` itself blocks, as it does while
-    aiokafka waits for topic metadata or buffer space. ``fail_with`` makes ``send``
-    raise, like a producer that lost Kafka.
+    Records go to Kafka as usual; after ``hold()`` their reports reach the collector
+    only at ``release()`` (a slow or stalled cluster, seen from the collector).
+    ``fail_with`` makes ``send`` raise, like librdkafka refusing a record.
     """
 
-    def __init__(self, **kw: Any) -> None:
-        super().__init__(**kw)
-        self.gate = asyncio.Event()
-        self.gate.set()
-        self.send_gate = asyncio.Event()
-        self.send_gate.set()
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self.holding = False
+        self.held: list[tuple[Callable, Any]] = []
         self.fail_with: BaseException | None = None
-        self._relays: set[asyncio.Task] = set()
 
-    async def send(self, *args: Any, **kw: Any):
+    def hold(self) -> None:
+        self.holding = True
+
+    def release(self) -> None:
+        self.holding = False
+        held, self.held = self.held, []
+        for on_delivery, error in held:
+            on_delivery(error)
+
+    def send(self, topic, value, key, timestamp_ms, on_delivery) -> None:
         if self.fail_with is not None:
             raise self.fail_with
-        await self.send_gate.wait()
-        fut = await super().send(*args, **kw)
-        if self.gate.is_set():
-            return fut
-        held = asyncio.get_running_loop().create_future()
 
-        async def relay() -> None:
-            try:
-                metadata = await fut
-            except Exception as exc:  # noqa: BLE001
-                held.set_exception(exc)
-                return
-            await self.gate.wait()
-            held.set_result(metadata)
+        def report(error) -> None:
+            if self.holding:
+                self.held.append((on_delivery, error))
+            else:
+                on_delivery(error)
 
-        task = asyncio.create_task(relay())
-        self._relays.add(task)
-        task.add_done_callback(self._relays.discard)
-        return held
+        super().send(topic, value, key, timestamp_ms, report)
 
 
 def gated_factory(collector: CollectorSettings, kafka: KafkaSettings) -> Callable[[], GatedProducer]:
-    return lambda: GatedProducer(**producer_options(collector, kafka))
+    return lambda: GatedProducer(producer_options(collector, kafka))
 
 
 def beacon_event(site: str, **fields: Any) -> dict[str, Any]:
@@ -732,12 +725,6 @@ def test_client_ip_resolver_unit():
         assert (str(ip) if ip else None) == want, raw
 
 
-def test_crc32_partitioner_is_stable():
-    key = f"{SITE}:v1".encode()
-    assert crc32_partitioner(key, [0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5]) == zlib.crc32(key) % 6
-    assert crc32_partitioner(None, [0, 1, 2], [2]) == 2
-
-
 # --------------------------------------------------------------------------- ops endpoints
 
 
@@ -822,7 +809,7 @@ async def test_ack_timeout_answers_503_and_keeps_the_budget_until_settled(kafka,
     async with running_collector(cfg, kafka, producer_factory=gated_factory(cfg, kafka)) as svc:
         publisher = svc.publisher
         producer: GatedProducer = publisher.producer
-        producer.gate.clear()
+        producer.hold()
         event = beacon_event(SITE)
         started = time.monotonic()
         status, headers, doc = await post(http, svc.beacon_url, event)
@@ -832,7 +819,7 @@ async def test_ack_timeout_answers_503_and_keeps_the_budget_until_settled(kafka,
         # The record is already in a producer batch: its bytes stay budgeted until the
         # ack (shielded), otherwise an outage would grow memory without bound.
         assert publisher.inflight_events == 1 and publisher.inflight_bytes > 0
-        producer.gate.set()
+        producer.release()
         await eventually(lambda: publisher.inflight_events == 0, "the held ack to settle")
         assert publisher.inflight_bytes == 0
         # At-least-once: the timed-out event did reach Kafka; a client retry with the
@@ -843,37 +830,40 @@ async def test_ack_timeout_answers_503_and_keeps_the_budget_until_settled(kafka,
         assert status == 204
 
 
-async def test_timeout_inside_send_cancels_the_send(kafka, http):
-    cfg = settings(publish_timeout_s=0.3)
-    async with running_collector(cfg, kafka, producer_factory=gated_factory(cfg, kafka)) as svc:
+async def test_full_producer_queue_answers_503_at_once(kafka, http):
+    # librdkafka's own queue is a second guard behind the byte budget: when it is full,
+    # produce() refuses at once and so does the collector, leaking nothing.
+    cfg = settings(publish_timeout_s=1.0)
+
+    def factory() -> RdKafkaProducer:
+        # One queued record fills it; a long linger keeps that record queued.
+        return RdKafkaProducer({**producer_options(cfg, kafka), "queue.buffering.max.messages": 1, "linger.ms": 5000})
+
+    async with running_collector(cfg, kafka, producer_factory=factory) as svc:
         publisher = svc.publisher
-        producer: GatedProducer = publisher.producer
-        producer.send_gate.clear()
+        first = asyncio.create_task(post(http, svc.beacon_url, beacon_event(SITE)))
+        await eventually(lambda: publisher.inflight_events == 1, "the first record to be queued")
         started = time.monotonic()
-        status, _, doc = await post(http, svc.beacon_url, {"batch": [beacon_event(SITE), beacon_event(SITE)]})
+        status, headers, doc = await post(http, svc.beacon_url, beacon_event(SITE))
+        assert status == 503 and doc["reason"] == "backpressure" and headers["Retry-After"] == "5"
+        assert time.monotonic() - started < 0.5
+        assert publisher.inflight_events == 1  # the refused record was never budgeted
+        status, _, doc = await first  # still lingering at its deadline
         assert status == 503 and doc["reason"] == "publish_timeout"
-        assert 0.25 <= time.monotonic() - started < 2.0
-        assert publisher.inflight_bytes == 0 and publisher.inflight_events == 0  # never enqueued
-        producer.send_gate.set()
-        kept = beacon_event(SITE)
-        status, _, _ = await post(http, svc.beacon_url, kept)
-        assert status == 204
-        [rec] = await topic_records(kafka)  # the timed-out sends never reached Kafka
-        assert rec.envelope["id"] == kept["event_id"]
 
 
 async def test_cancelled_publish_is_not_a_timeout(kafka):
     cfg = settings(publish_timeout_s=10.0)
     async with running_collector(cfg, kafka, producer_factory=gated_factory(cfg, kafka)) as svc:
         publisher = svc.publisher
-        publisher.producer.gate.clear()
+        publisher.producer.hold()
         task = asyncio.create_task(publisher.publish([(b"k", b"{}")], now_ms()))
         await eventually(lambda: publisher.inflight_events == 1, "the record to be in flight")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         assert publisher.inflight_events == 1  # still owned by the (shielded) delivery future
-        publisher.producer.gate.set()
+        publisher.producer.release()
         await eventually(lambda: publisher.inflight_events == 0 and publisher.inflight_bytes == 0, "settling")
 
 
@@ -882,7 +872,7 @@ async def test_inflight_budget_exhausted_answers_503_at_once(kafka, http):
     async with running_collector(cfg, kafka, producer_factory=gated_factory(cfg, kafka)) as svc:
         publisher = svc.publisher
         producer: GatedProducer = publisher.producer
-        producer.gate.clear()
+        producer.hold()
         first = beacon_event(SITE)
         pending = asyncio.create_task(post(http, svc.beacon_url, first))
         await eventually(lambda: publisher.inflight_events == 1, "the first event to be in flight")
@@ -897,7 +887,7 @@ async def test_inflight_budget_exhausted_answers_503_at_once(kafka, http):
         assert publisher.inflight_bytes == one_event  # nothing queued for the refused one
         assert not pending.done()
 
-        producer.gate.set()
+        producer.release()
         status, _, _ = await asyncio.wait_for(pending, 10)
         assert status == 204
         await eventually(lambda: publisher.inflight_bytes == 0, "the budget to drain")
@@ -914,7 +904,7 @@ async def test_producer_error_answers_503(kafka, http):
     cfg = settings()
     async with running_collector(cfg, kafka, producer_factory=gated_factory(cfg, kafka)) as svc:
         publisher = svc.publisher
-        publisher.producer.fail_with = KafkaConnectionError("simulated: connection to broker lost")
+        publisher.producer.fail_with = KafkaException(KafkaError(KafkaError._TRANSPORT, "simulated: broker lost"))
         status, headers, doc = await post(http, svc.beacon_url, {"batch": [beacon_event(SITE), beacon_event(SITE)]})
         assert status == 503 and doc["reason"] == "kafka_error" and headers["Retry-After"] == "5"
         assert publisher.inflight_bytes == 0 and publisher.inflight_events == 0  # nothing leaked
@@ -925,20 +915,20 @@ async def test_producer_error_answers_503(kafka, http):
 
 
 async def test_readyz_is_503_when_brokers_stop_answering(collector, http):
-    client = collector.publisher.producer.client
-    original = client.fetch_all_metadata
+    producer = collector.publisher.producer
+    original = producer.metadata
 
-    async def hang():
+    async def hang(timeout_s: float):
         await asyncio.Event().wait()
 
-    client.fetch_all_metadata = hang
+    producer.metadata = hang
     try:
         started = time.monotonic()
         async with http.get(collector.base_url + "/readyz") as r:
             assert r.status == 503
         assert time.monotonic() - started < 2.5  # bounded by the ~1 s probe timeout
     finally:
-        client.fetch_all_metadata = original
+        producer.metadata = original
     # The stuck probe is abandoned after PROBE_MAX_S; readiness then recovers by itself.
     deadline = time.monotonic() + PROBE_MAX_S + 5
     while True:
@@ -962,7 +952,7 @@ async def test_shutdown_lets_in_flight_requests_finish(kafka, http):
     port = runner.addresses[0][1]
     publisher = app[PUBLISHER]
     producer: GatedProducer = publisher.producer
-    producer.gate.clear()
+    producer.hold()
     event = beacon_event(SITE)
     pending = asyncio.create_task(post(http, f"http://127.0.0.1:{port}/collect", event))
     await eventually(lambda: publisher.inflight_events == 1, "the event to be in flight")
@@ -975,7 +965,7 @@ async def test_shutdown_lets_in_flight_requests_finish(kafka, http):
 
     await eventually(refused, "the listener to close")
     assert not pending.done() and not cleanup.done()
-    producer.gate.set()
+    producer.release()
     status, _, _ = await asyncio.wait_for(pending, 10)
     assert status == 204
     await asyncio.wait_for(cleanup, 15)
@@ -984,28 +974,48 @@ async def test_shutdown_lets_in_flight_requests_finish(kafka, http):
     assert rec.envelope["id"] == event["event_id"]
 
 
-async def test_producer_flush_on_shutdown_is_bounded(kafka, caplog):
-    cfg = settings(shutdown_timeout_s=0.5)
-    app = create_app(cfg, kafka)
+class UncheckedProducer(RdKafkaProducer):
+    """Starts without waiting for a broker's answer."""
+
+    async def start(self, timeout_s: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        import confluent_kafka
+
+        self._producer = confluent_kafka.Producer({**self.config, "error_cb": self._on_error})
+
+
+async def test_producer_flush_on_shutdown_is_bounded(kafka, http, caplog):
+    # A "broker" that accepts connections and never answers: records stay queued, and
+    # librdkafka would retry them for message.timeout.ms. Shutdown must not wait that long.
+    async def silent(reader, writer):
+        await reader.read()  # until the client goes away
+        writer.close()
+
+    blackhole = await asyncio.start_server(silent, "127.0.0.1", 0)
+    address = "127.0.0.1:%d" % blackhole.sockets[0].getsockname()[1]
+    cfg = settings(shutdown_timeout_s=0.5, publish_timeout_s=0.3)
+    factory = lambda: UncheckedProducer({**producer_options(cfg, kafka), "bootstrap.servers": address})  # noqa: E731
+    app = create_app(cfg, kafka, producer_factory=factory)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
     publisher = app[PUBLISHER]
-    producer = publisher.producer
-    real_stop = producer.stop
-
-    async def never_flushes():  # what stop() does while Kafka is down: wait for acks
-        await asyncio.Event().wait()
-
-    producer.stop = never_flushes
     try:
+        status, _, doc = await post(http, f"http://127.0.0.1:{runner.addresses[0][1]}/collect", beacon_event(SITE))
+        assert status == 503 and doc["reason"] == "publish_timeout"
+        assert publisher.inflight_events == 1  # still queued in librdkafka
         started = time.monotonic()
         with caplog.at_level(logging.ERROR, logger="ingest.publisher"):
             await asyncio.wait_for(runner.cleanup(), 10)
         assert time.monotonic() - started < 3
         assert any(r.getMessage() == "collector.kafka_flush_timeout" for r in caplog.records)
         assert publisher.producer is None
+        # Purged on the way out: the record got its (failed) report, so nothing is
+        # left budgeted.
+        assert publisher.inflight_events == 0 and publisher.inflight_bytes == 0
     finally:
-        await real_stop()
+        blackhole.close()
 
 
 def test_throttle_filter_limits_repeated_records():
