@@ -76,7 +76,19 @@ def wait_http(url: str, timeout: float = 30) -> None:
     raise SystemExit(f"{url} did not come up")
 
 
-def run_wrk(url: str, duration: int, connections: int, script: str) -> dict[str, float]:
+def cpu_seconds(pid: int | None) -> float:
+    """CPU time (user + system, all threads) a process has used so far."""
+    if pid is None:
+        return 0.0
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_wrk(url: str, duration: int, connections: int, script: str,
+            pids: dict[str, int | None] | None = None) -> dict[str, float]:
+    pids = pids or {}
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", script, url],
         capture_output=True, text=True, check=True,
@@ -88,9 +100,13 @@ def run_wrk(url: str, duration: int, connections: int, script: str) -> dict[str,
         return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
 
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    # CPU microseconds per request of each process watched (server, broker)
+    cpu = {f"cpu_{name}": (cpu_seconds(pid) - before[name]) * 1e6 / max(requests, 1) for name, pid in pids.items()}
     return {
+        **cpu,
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-        "requests": int(re.search(r"(\d+) requests in", out).group(1)),
+        "requests": requests,
         "p50": latency_ms("50"),
         "p99": latency_ms("99"),
         "errors": int(non2xx.group(1)) if non2xx else 0,
@@ -137,12 +153,16 @@ def main() -> int:
         # Warm-up (JIT-free Python, but connections, producer batches and page cache).
         for url in targets.values():
             run_wrk(url, 2, args.connections, f.name)
+        broker_pid = int(kafka.pid_file.read_text().split()[0]) if kafka.pid_file.exists() else None
+        watch = {"bare": {"server": procs[0].pid, "broker": broker_pid},
+                 "collector": {"server": procs[1].pid, "broker": broker_pid}}
         for rnd in range(args.rounds):
             for name, url in targets.items():
-                r = run_wrk(url, args.duration, args.connections, f.name)
+                r = run_wrk(url, args.duration, args.connections, f.name, watch[name])
                 results[name].append(r)
                 print(f"round {rnd + 1} {name:<9} {r['rps']:>8.0f} req/s  p50 {r['p50']:6.2f} ms  "
-                      f"p99 {r['p99']:6.2f} ms  non-2xx {r['errors']}", flush=True)
+                      f"p99 {r['p99']:6.2f} ms  non-2xx {r['errors']}  CPU/request: server "
+                      f"{r['cpu_server']:5.1f} us, broker {r['cpu_broker']:5.1f} us", flush=True)
     finally:
         for p in procs:
             p.terminate()
@@ -161,6 +181,8 @@ def main() -> int:
           f"p99 {med('bare', 'p99'):.2f} ms")
     print(f"collector + Kafka    : {med('collector', 'rps'):8.0f} req/s  p50 {med('collector', 'p50'):.2f} ms  "
           f"p99 {p99:.2f} ms")
+    print(f"CPU per request      : bare server {med('bare', 'cpu_server'):.1f} us; collector {med('collector', 'cpu_server'):.1f} us "
+          f"+ Kafka broker {med('collector', 'cpu_broker'):.1f} us (2 cores shared with wrk and the broker)")
     print(f"ratio collector/bare : {ratio:.2f}  (target >= 0.60)  p99 target < 20 ms: "
           f"{'met' if ratio >= 0.6 and p99 < 20 else 'NOT met'}")
     # Every 2xx answered after the warm-up must be in Kafka (the warm-up adds a few more).

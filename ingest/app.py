@@ -470,8 +470,8 @@ def create_app(
     """Build the collector app. The Kafka producer starts with the app (``on_startup``)
     and is flushed and stopped on cleanup, after in-flight requests have finished.
 
-    ``producer_factory`` (tests) returns an object with aiokafka's producer interface;
-    the default is an idempotent ``AIOKafkaProducer`` with acks="all".
+    ``producer_factory`` (tests) returns an object with ``RdKafkaProducer``'s interface;
+    the default is an idempotent librdkafka producer with acks=all.
     """
     metrics = CollectorMetrics()
     publisher = Publisher(collector, kafka, metrics, producer_factory)
