@@ -362,6 +362,8 @@ def _add_cors(request: web.Request, response: web.StreamResponse) -> None:
     ):
         headers["Access-Control-Allow-Origin"] = origin
         headers["Access-Control-Allow-Credentials"] = "true"
+        # Lets the snippet read how long to wait after a 503 (it then waits at least that).
+        headers["Access-Control-Expose-Headers"] = "Retry-After"
 
 
 def _from_http_exception(exc: web.HTTPException) -> web.Response:

@@ -123,7 +123,7 @@
       if (unloading && nav.sendBeacon?.(url, p.body)) return done(evs, 1);
       if (win.fetch) {
         return win.fetch(url, { method: 'POST', body: p.body, keepalive: !!unloading, credentials: 'omit' }).then(
-          safe((r) => r.status >= 500 || r.status == 429 ? failed(evs) : done(evs, r.status < 300)),
+          safe((r) => r.status >= 500 || r.status == 429 ? failed(evs, after(r)) : done(evs, r.status < 300)),
           safe(() => failed(evs)));
       }
       for (const e of evs) { // last resort: one pixel GET per event
@@ -141,13 +141,17 @@
       if (ok && rest.length && tries) { tries = 0; retry(); } // the collector is back
     };
 
-    // Offline, 503 or a network error: keep them (once per id) and retry with backoff.
-    const failed = (evs) => {
+    // The collector's Retry-After (seconds) on a 503/429, if readable: waited at least.
+    const after = (r) => Math.min(36e5, 1e3 * (+r.headers?.get?.('Retry-After') || 0));
+
+    // Offline, 503 or a network error: keep them (once per id) and retry with backoff,
+    // or after the Retry-After the collector asked for, whichever is later.
+    const failed = (evs, wait = 0) => {
       if (!allowed()) return; // opted out meanwhile: keep nothing
       const q = loadQ(), have = new Set(q.map(idOf));
       for (const e of evs) { delete inflight[idOf(e)]; if (!have.has(idOf(e))) q.push(e); }
       saveQ(q.slice(-500));
-      retryTimer = retryTimer || win.setTimeout(safe(() => { retryTimer = 0; retry(); }), backoff(tries++, Math.random()));
+      retryTimer = retryTimer || win.setTimeout(safe(() => { retryTimer = 0; retry(); }), Math.max(wait, backoff(tries++, Math.random())));
     };
 
     const retry = () => {

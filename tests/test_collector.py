@@ -623,6 +623,8 @@ async def test_cors_on_actual_requests(collector, http):
     assert headers["Access-Control-Allow-Origin"] == ORIGIN
     assert headers["Access-Control-Allow-Credentials"] == "true"
     assert headers["Vary"] == "Origin"
+    # The snippet reads Retry-After of a 503 (the browser hides it unless exposed).
+    assert headers["Access-Control-Expose-Headers"] == "Retry-After"
     # Errors carry CORS headers too, so page scripts can read them.
     status, headers, _ = await post(http, collector.beacon_url, {"site_id": "x"}, headers={"Origin": "null"})
     assert status == 400 and headers["Access-Control-Allow-Origin"] == "null"

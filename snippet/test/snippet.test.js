@@ -110,8 +110,10 @@ function fakeWindow({ attrs = {}, href = 'https://shop.example/?utm_source=news'
     setTimeout: (f, ms) => { timers.push({ f, ms }); return timers.length; },
     fetch: (url, init) => {
       sent.push({ url, body: init.body, init });
-      const status = responses.length ? responses.shift() : 204;
-      return status === 'network' ? Promise.reject(new TypeError('Failed to fetch')) : Promise.resolve({ status });
+      const r = responses.length ? responses.shift() : 204;
+      if (r === 'network') return Promise.reject(new TypeError('Failed to fetch'));
+      const [status, headers] = typeof r == 'number' ? [r, {}] : r; // [status, {header: value}]
+      return Promise.resolve({ status, headers: { get: (k) => headers[k] ?? null } });
     },
     vq,
   };
@@ -249,6 +251,19 @@ test('failed sends are kept in storage and retried with the same ids, once each'
   start(y.win); await y.tick();
   assert.deepEqual(y.events().map((e) => e.event_type).sort(), ['pageview', 'pageview']);
   assert.ok(y.events().some((e) => e.event_id === x.events()[0].event_id));
+});
+
+test("a 503's Retry-After is waited at least; without one, the jittered backoff", async () => {
+  const w = fakeWindow({ responses: [[503, { 'Retry-After': '30' }], 503] });
+  start(w.win);
+  await w.tick(); // the page view: 503, Retry-After 30
+  assert.equal(w.timers.length, 1);
+  assert.equal(w.timers[0].ms, 30000); // not the ~1 s backoff
+  await w.tick(); // retried: 503 without Retry-After
+  assert.ok(w.timers[0].ms >= 1000 && w.timers[0].ms <= 2000); // backoff(1, r)
+  await w.tick(); // 204
+  assert.equal(w.sent.length, 3);
+  assert.equal(new Set(w.events().map((e) => e.event_id)).size, 1);
 });
 
 test('offline: nothing is attempted until the browser is online again', async () => {
