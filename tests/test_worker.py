@@ -97,6 +97,24 @@ async def test_pixel_and_beacon_become_enriched_rows(topics, pipeline_db):
         assert abs(int(r["id"].hex[:12], 16) - r["created_at"].timestamp() * 1000) < 1
 
 
+async def test_do_not_track_and_gpc_keep_no_ip_and_only_the_country(topics, pipeline_db):
+    dsn, site = pipeline_db
+    async with collector(topics) as http, worker(topics, dsn):
+        for visitor, extra in (("v-dnt", {"DNT": "1"}), ("v-gpc", {"Sec-GPC": "1"}),
+                               ("v-plain", {}), ("v-dnt0", {"DNT": "0"})):
+            r = await http.get("/t.gif", params={"site_id": site, "visitor_id": visitor},
+                               headers={"X-Forwarded-For": "81.2.69.142", "User-Agent": DESKTOP, **extra})
+            assert r.status == 200
+        assert await wait_for_count(dsn, "SELECT count(*) FROM visitor_events", 4) == 4
+    rows = {r["visitor_id"]: r for r in await fetch(
+        dsn, "SELECT visitor_id, ip_address, country, region, city, location FROM visitor_events")}
+    for private in ("v-dnt", "v-gpc"):
+        assert tuple(rows[private].values())[1:] == (None, "GB", None, None, None), private
+    for plain in ("v-plain", "v-dnt0"):  # DNT: 0 is no request not to track
+        assert tuple(rows[plain].values())[1:4] == ("81.2.69.0", "GB", "England"), plain
+        assert rows[plain]["city"] == "London" and rows[plain]["location"] is not None
+
+
 async def test_client_retry_with_same_event_id_is_stored_once(topics, pipeline_db):
     dsn, site = pipeline_db
     ids = [str(uuid.uuid4()) for _ in range(5)]
