@@ -26,6 +26,7 @@ import hashlib
 import logging
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -423,43 +424,58 @@ def _accepts_gzip(accept_encoding: str) -> bool:
     return False
 
 
-def _middleware(labels: dict[Any, str], cors_routes: frozenset[Any], metrics: CollectorMetrics):
-    # One middleware for errors, CORS and request metrics: each extra layer costs a
-    # coroutine per request.
-    @web.middleware
-    async def collector_middleware(request: web.Request, handler) -> web.StreamResponse:
-        route = request.match_info.route
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _wrap(handler: Handler, label: str, cors: bool, metrics: CollectorMetrics) -> Handler:
+    """Errors, CORS and request metrics around one route's handler.
+
+    Bound once per route rather than as an aiohttp middleware: aiohttp builds the
+    middleware chain anew for every request, which measured ~15 us per request, a
+    third of what the bare server spends in all."""
+    request_metric = metrics.request
+
+    async def handle(request: web.Request) -> web.StreamResponse:
         try:
             response = await handler(request)
-        except web.HTTPException as exc:  # 404 / 405 from the router, etc.
+        except web.HTTPException as exc:  # raised by a handler (e.g. the snippet's 404)
             response = _from_http_exception(exc)
         except Exception:
             # Only genuine server bugs get here: every client-input error is handled.
-            log.exception("collector.unhandled_error", extra={"method": request.method, "route": labels.get(route)})
+            log.exception("collector.unhandled_error", extra={"method": request.method, "route": label})
             response = _error(500, "internal error")
-        if route in cors_routes:
+        if cors:
             _add_cors(request, response)
-        metrics.request(labels.get(route, "unmatched"), response.status)
+        request_metric(label, response.status)
         return response
 
-    return collector_middleware
+    return handle
 
 
-def _add_demo(router: web.UrlDispatcher, labels: dict[Any, str]) -> None:
+def _refusal(exc: web.HTTPException) -> Handler:
+    async def refuse(request: web.Request) -> web.Response:
+        return _from_http_exception(exc)
+
+    return refuse
+
+
+def _add_demo(router: web.UrlDispatcher, add: Callable[..., Any]) -> None:
     """deploy/demo/ under /demo/ (development only: COLLECTOR_DEMO)."""
+    files = {p.name: p for p in DEMO_DIR.iterdir() if p.is_file()}
 
-    async def index(request: web.Request) -> web.StreamResponse:
-        return web.FileResponse(DEMO_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+    async def page(request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"] or "index.html"
+        path = files.get(name)  # only files that exist there: no path tricks
+        if path is None:
+            raise web.HTTPNotFound()
+        return web.FileResponse(path, headers={"Cache-Control": "no-cache"})
 
     async def slash(request: web.Request) -> web.Response:
-        # Returned, not raised: the middleware would turn a raised redirect into JSON.
         query = f"?{request.query_string}" if request.query_string else ""
         return web.Response(status=302, headers={"Location": "/demo/" + query})
 
-    labels[router.add_get("/demo", slash)] = "demo"
-    labels[router.add_get("/demo/", index)] = "demo"
-    for route in router.add_static("/demo/", DEMO_DIR):
-        labels[route] = "demo"
+    add(router.add_resource("/demo"), "GET", slash, "demo")
+    add(router.add_resource("/demo/{name:[^/]*}"), "GET", page, "demo")
 
 
 def create_app(
@@ -480,35 +496,39 @@ def create_app(
     sites = SiteGate(pg.database_url) if collector.reject_unknown_sites and pg is not None else None
     handlers = _Collector(collector, publisher, metrics, sites)
 
-    labels: dict[Any, str] = {}
-    cors_routes: set[Any] = set()
     app = web.Application(client_max_size=collector.max_body_bytes)
     router = app.router
     prefix = _normalise_path(collector.path_prefix).rstrip("/") if collector.path_prefix else ""
+    methods: dict[web.AbstractResource, list[str]] = {}
+
+    def add(resource: web.Resource, method: str, handler: Handler, label: str, cors: bool = False) -> None:
+        resource.add_route(method, _wrap(handler, label, cors, metrics))
+        methods.setdefault(resource, []).append(method)
 
     pixel = router.add_resource(prefix + _normalise_path(collector.pixel_path), name="pixel")
     beacon = router.add_resource(prefix + _normalise_path(collector.beacon_path), name="beacon")
-    for resource, method, handler, label in (
-        (pixel, "GET", handlers.pixel, "pixel"),
-        (pixel, "OPTIONS", handlers.preflight, "preflight"),
-        (beacon, "POST", handlers.beacon, "beacon"),
-        (beacon, "OPTIONS", handlers.preflight, "preflight"),
-    ):
-        route = resource.add_route(method, handler)
-        labels[route] = label
-        cors_routes.add(route)
+    add(pixel, "GET", handlers.pixel, "pixel", cors=True)
+    add(pixel, "OPTIONS", handlers.preflight, "preflight", cors=True)
+    add(beacon, "POST", handlers.beacon, "beacon", cors=True)
+    add(beacon, "OPTIONS", handlers.preflight, "preflight", cors=True)
     for path, handler, label in (
         ("/healthz", handlers.healthz, "healthz"),
         ("/readyz", handlers.readyz, "readyz"),
         ("/metrics", handlers.metrics, "metrics"),
     ):
-        labels[router.add_route("GET", path, handler)] = label
+        add(router.add_resource(path), "GET", handler, label)
     snippet = _Snippet()
-    labels[router.add_get(prefix + _normalise_path(collector.snippet_path), snippet.handle)] = "snippet"
+    snippet_resource = router.add_resource(prefix + _normalise_path(collector.snippet_path))
+    add(snippet_resource, "GET", snippet.handle, "snippet")
+    add(snippet_resource, "HEAD", snippet.handle, "snippet")
     if collector.demo:
-        _add_demo(router, labels)
+        _add_demo(router, add)
+    # Last: another method on a known path is a 405 naming the allowed ones, any other
+    # path a 404 (JSON like every error; routes, not a middleware, see _wrap).
+    for resource, allowed in methods.items():
+        resource.add_route("*", _wrap(_refusal(web.HTTPMethodNotAllowed("*", allowed)), "unmatched", False, metrics))
+    router.add_route("*", "/{tail:.*}", _wrap(_refusal(web.HTTPNotFound()), "unmatched", False, metrics))
 
-    app.middlewares.append(_middleware(labels, frozenset(cors_routes), metrics))
     app[PUBLISHER] = publisher
     app[METRICS] = metrics
 
