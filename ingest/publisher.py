@@ -328,6 +328,8 @@ class Publisher:
         producer = self.producer
         delivered = self._delivered
         topic = self._topic
+        if producer is not None:
+            producer.poll()  # acks that came in meanwhile: answered now, not at the next timer
         for request, key, value, cost in outbox:
             if request.unsent:  # an earlier record of its request was refused
                 self._release(cost)
