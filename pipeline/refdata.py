@@ -133,16 +133,16 @@ class RefCache:
         experiments = await conn.fetch(
             "SELECT id::text, site_id::text, name, status, start_date, end_date FROM public.experiments "
             "WHERE site_id = ANY($1::uuid[])", ids)
-        refs: dict[str, SiteRefs] = {
-            r["id"]: SiteRefs(Site(r["id"], r["owner"]), time_zone=r["time_zone"]) for r in sites}
         by_site: dict[str, list[Segment]] = {}
         for r in segments:
             by_site.setdefault(r["site_id"], []).append(Segment(
                 r["id"], r["url"] or None, _keywords(r["keywords"]), (r["language"] or "").lower() or None,
                 r["created_at"]))
-        for site_id, segs in by_site.items():
-            if site_id in refs:
-                refs[site_id].segments = order_segments(segs)
+        # Built with its segments: SiteRefs compiles their rules once, here.
+        refs: dict[str, SiteRefs] = {
+            r["id"]: SiteRefs(Site(r["id"], r["owner"]), time_zone=r["time_zone"],
+                              segments=order_segments(by_site.get(r["id"], [])))
+            for r in sites}
         for r in experiments:
             ref = refs.get(r["site_id"])
             if ref is None:

@@ -27,16 +27,22 @@ and ``campaign_id`` of a visitor_events row. The rules (docs/attribution.md):
 from __future__ import annotations
 
 import fnmatch
-from functools import lru_cache
+import re
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from urllib.parse import parse_qsl, urlsplit
+from itertools import islice
+from typing import NamedTuple
+
+from processors.urls import NO_PAGE, NO_PARAMS, PageURL, parse_page
 
 RUNNING = frozenset({"running", "active"})
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 UTM_KEYS = ("utm_source", "utm_medium", "utm_campaign", "utm_term", "utm_content")
+_TERM_KEYS = ("utm_term", "utm_campaign", "utm_content")  # searched for segment keywords
+# Pages whose anonymous-hit attribution a site keeps (see SiteRefs.pages).
+PAGE_CACHE_SIZE = 2048
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,39 +82,79 @@ class Experiment:
     status: str | None
     start: datetime | None
     end: datetime | None
+    active: bool = field(init=False, default=False)  # status is running or active
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "active", (self.status or "").lower() in RUNNING)
 
     def running_at(self, t: datetime) -> bool:
-        return ((self.status or "").lower() in RUNNING
-                and (self.start is None or self.start <= t)
-                and (self.end is None or t < self.end))
+        return self.active and (self.start is None or self.start <= t) and (self.end is None or t < self.end)
 
 
-@dataclass
+@dataclass(slots=True, eq=False)
 class SiteRefs:
-    """What attribution needs of one site."""
+    """What attribution needs of one site. Read-only once attribution uses it: the
+    worker builds a new one whenever the site's reference data changes."""
 
     site: Site
     time_zone: str | None = None  # pipeline.site_settings; None: the default
     segments: tuple[Segment, ...] = ()  # active ones, in tie-break order
     experiments: dict[str, Experiment] = field(default_factory=dict)
     experiments_by_name: dict[str, Experiment] = field(default_factory=dict)
-    # (page_url, language) -> matched segment: pages and languages repeat a lot
-    segment_matches: dict[tuple[str | None, str | None], str | None] = field(default_factory=dict)
+    # page_url, or (page_url, language) when a segment has a language rule -> the
+    # Attribution of a hit there that names nothing else (shared). Pages repeat a lot,
+    # so most events cost this one lookup.
+    pages: dict = field(default_factory=dict, repr=False)
+    matcher: SegmentMatcher = field(init=False, repr=False)
+    by_language: bool = field(init=False, repr=False)  # the page cache is keyed by language too
+    nothing: Attribution = field(init=False, repr=False)  # the result when nothing matches
 
-    def segment_for(self, page_url: str | None, params: Mapping[str, str], language: str | None) -> str | None:
-        key = (page_url, language)
-        try:
-            return self.segment_matches[key]
-        except KeyError:
-            pass
-        if len(self.segment_matches) > 4096:  # bounded; the cache entry is rebuilt anyway
-            self.segment_matches.clear()
-        hit = self.segment_matches[key] = match_segment(self.segments, page_url, params, language)
-        return hit
+    def __post_init__(self) -> None:
+        self.nothing = Attribution(self.site.owner, None, None, None, None, NO_PARAMS, (), None)
+        self._compile()
+
+    def __setattr__(self, name: str, value) -> None:
+        object.__setattr__(self, name, value)
+        if name == "segments" and hasattr(self, "nothing"):  # replaced after construction
+            self._compile()
+
+    def _compile(self) -> None:
+        # Once per site and load of its reference data, not per event.
+        self.matcher = SegmentMatcher(self.segments)
+        self.by_language = self.matcher.by_language
+        self.pages.clear()
+
+    def page(self, page_url: str | None, language: str | None) -> Attribution:
+        """Segment (by page and language), campaign (by UTM) and the raw UTM values of a
+        hit that names nothing else: what an anonymous visitor's plain hit gets."""
+        a = self.pages.get((page_url, language) if self.by_language else page_url)
+        return self.page_miss(page_url, language) if a is None else a
+
+    def page_miss(self, page_url: str | None, language: str | None) -> Attribution:
+        pages = self.pages
+        if len(pages) >= PAGE_CACHE_SIZE:
+            # Bounded: drop the oldest quarter (dicts keep insertion order); no LRU
+            # bookkeeping on the hits, which are most events.
+            for key in list(islice(pages, PAGE_CACHE_SIZE // 4)):
+                del pages[key]
+        page = parse_page(page_url) if page_url else NO_PAGE
+        params = page.params
+        segment_id = self.matcher.match(page, language)
+        campaign_id = _utm_campaign(self, params) if params else None
+        custom = {f"${k}": params[k] for k in UTM_KEYS if params.get(k)} if params else NO_PARAMS
+        if segment_id is None and campaign_id is None and not custom and page is NO_PAGE:
+            a = self.nothing
+        else:
+            a = Attribution(self.site.owner, None, segment_id, None, campaign_id, custom or NO_PARAMS, (), None,
+                            page)
+        pages[(page_url, language) if self.by_language else page_url] = a
+        return a
 
 
-@dataclass(slots=True)  # not frozen: a frozen __init__ costs ~1 us per event here
-class Attribution:
+class Attribution(NamedTuple):
+    """What attribution gives an event. A NamedTuple: immutable (results are shared
+    between events), and built on the per-event path without a Python-level call."""
+
     user_id: str | None
     lead_id: str | None
     segment_id: str | None
@@ -117,11 +163,13 @@ class Attribution:
     custom: dict  # keys to add to custom_data (read-only: may be shared)
     dropped: tuple[str, ...]  # what the event named but could not keep: lead, experiment, campaign
     backfill_lead: str | None  # set when this event linked the visitor to a (new) lead
+    # The page URL as parsed here, handed on so that sessionization need not look it up again.
+    page: PageURL | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class VisitorAttribution:
-    """Per-visitor attribution state, stored with the session state."""
+class VisitorAttribution(NamedTuple):
+    """Per-visitor attribution state, stored with the session state. A NamedTuple:
+    immutable like a frozen dataclass, but built in a fraction of the time."""
 
     lead_id: str | None = None
     variants: tuple[tuple[str, str], ...] = ()  # (experiment id, variant), sticky
@@ -133,6 +181,10 @@ class VisitorAttribution:
         return None
 
 
+# tuple.__new__(NamedTupleClass, (fields...)) builds one without a Python-level call.
+_new = tuple.__new__
+
+
 # ---------------------------------------------------------------------------
 
 
@@ -140,26 +192,6 @@ def order_segments(segments: list[Segment]) -> tuple[Segment, ...]:
     """Tie-break order: more rules, longer url, older (undated last), smaller id."""
     return tuple(sorted(segments, key=lambda s: (
         -s.rules, -len(s.url or ""), s.created_at is None, s.created_at or _EPOCH, s.id)))
-
-
-_NO_PARTS: tuple[str, str, dict[str, str]] = ("", "", {})
-
-
-@lru_cache(maxsize=16384)
-def _url_parts(url: str | None) -> tuple[str, str, dict[str, str]]:
-    """(url without scheme, lower-cased; path; query params). Cached: pages repeat a lot.
-    Callers must not modify the returned dict."""
-    if not url:
-        return _NO_PARTS
-    try:
-        parts = urlsplit(url)
-        params = dict(parse_qsl(parts.query)) if parts.query else {}
-    except ValueError:
-        return url.lower(), "", {}
-    bare = (parts.netloc + parts.path + ("?" + parts.query if parts.query else "")).lower()
-    if bare.startswith("www."):
-        bare = bare[4:]
-    return bare, parts.path.lower(), params
 
 
 def _normalise_rule(rule: str) -> str:
@@ -170,41 +202,67 @@ def _normalise_rule(rule: str) -> str:
     return rule[4:] if rule.startswith("www.") else rule
 
 
-def _url_matches(rule: str, bare: str, path: str) -> bool:
-    target = path if rule.startswith("/") else bare
-    if "*" in rule:
-        return fnmatch.fnmatchcase(target, rule)
-    return target.startswith(rule)
+class SegmentMatcher:
+    """A site's segment rules, compiled once when its reference data is loaded.
+
+    Rule-less segments are left out, ``*`` patterns are compiled to regular expressions,
+    and the candidates for each language a rule names are listed ahead, in tie-break
+    order, so a match is one pass over the segments that can still match, stopping at
+    the first (the winner: ``segments`` come in tie-break order).
+    """
+
+    __slots__ = ("segments", "by_language", "_any_language", "_by_language")
+
+    def __init__(self, segments: tuple[Segment, ...]) -> None:
+        self.segments = segments
+        # (id, prefix or None, compiled pattern or None, applies to the path, keywords, language)
+        checks = []
+        for seg in segments:
+            if seg.rules == 0:
+                continue  # a segment defining no rule never matches
+            prefix = pattern = None
+            if seg.url:
+                if "*" in seg.url:
+                    # What fnmatch.fnmatchcase does per call, done once.
+                    pattern = re.compile(fnmatch.translate(seg.url)).match
+                else:
+                    prefix = seg.url
+            checks.append((seg.id, prefix, pattern, bool(seg.url) and seg.url.startswith("/"), seg.keywords,
+                           seg.language))
+        self._any_language = tuple(c[:5] for c in checks if not c[5])
+        self._by_language = {lang: tuple(c[:5] for c in checks if not c[5] or c[5] == lang)
+                             for lang in {c[5] for c in checks if c[5]}}
+        self.by_language = bool(self._by_language)  # whether the browser language can matter
+
+    def match(self, page: PageURL, language: str | None) -> str | None:
+        """The winning segment's id for a hit on ``page`` (keywords are also looked for in
+        its utm_term, utm_campaign and utm_content) with browser language ``language``."""
+        candidates = self._any_language
+        if language and self._by_language:
+            candidates = self._by_language.get(language.split("-", 1)[0], candidates)
+        haystack = None
+        for seg_id, prefix, pattern, on_path, keywords in candidates:
+            if prefix is not None:
+                if not (page.path if on_path else page.bare).startswith(prefix):
+                    continue
+            elif pattern is not None and pattern(page.path if on_path else page.bare) is None:
+                continue
+            if keywords:
+                if haystack is None:
+                    params = page.params
+                    haystack = page.bare + " " + " ".join(params.get(k, "") for k in _TERM_KEYS).lower()
+                if not any(k in haystack for k in keywords):
+                    continue
+            return seg_id
+        return None
 
 
 def match_segment(segments: tuple[Segment, ...], page_url: str | None, params: Mapping[str, str],
                   language: str | None) -> str | None:
-    if not segments:
-        return None
-    bare, path, _ = _url_parts(page_url) if page_url else _NO_PARTS
-    haystack = None
-    for seg in segments:  # already in tie-break order: the first match wins
-        if seg.rules == 0:
-            continue
-        if seg.url and not _url_matches(seg.url, bare, path):
-            continue
-        if seg.keywords:
-            if haystack is None:
-                terms = " ".join(params.get(k, "") for k in ("utm_term", "utm_campaign", "utm_content"))
-                haystack = bare + " " + terms.lower()
-            if not any(k in haystack for k in seg.keywords):
-                continue
-        if seg.language and (language or "").split("-", 1)[0] != seg.language:
-            continue
-        return seg.id
-    return None
-
-
-@lru_cache(maxsize=16384)
-def _utm_custom(page_url: str) -> dict[str, str]:
-    """The page's UTM values as custom_data keys (shared: callers copy before changing)."""
-    params = _url_parts(page_url)[2]
-    return {f"${k}": params[k] for k in UTM_KEYS if params.get(k)}
+    """The winning segment of ``segments`` (in tie-break order) for a page, its UTM
+    ``params`` and a browser language (compiles the rules: for one-off use)."""
+    page = parse_page(page_url) if page_url else NO_PAGE
+    return SegmentMatcher(segments).match(page._replace(params=params), language)
 
 
 def _utm_campaign(refs: SiteRefs, params: Mapping[str, str]) -> str | None:
@@ -233,82 +291,90 @@ LeadLookup = Callable[..., "Lead | None"]
 def attribute(event: Mapping, refs: SiteRefs, lookup_lead: LeadLookup, visitor: VisitorAttribution,
               t: datetime, language: str | None) -> tuple[Attribution, VisitorAttribution]:
     """Attribute one event of an existing site. ``lookup_lead(lead_id=…, email=…)``
-    returns a ``Lead`` of this site or None (reference data, already loaded)."""
-    site_id = refs.site.id
-    custom_in = event.get("custom_data") or {}
-    dropped: list[str] = []
-    page_url = event.get("page_url")
-    params = _url_parts(page_url)[2] if page_url else _NO_PARTS[2]
-    utm = _utm_custom(page_url) if params else _NO_PARTS[2]
+    returns a ``Lead`` of this site or None (reference data, already loaded).
 
-    if not (visitor.lead_id or visitor.variants or custom_in or "lead_id" in event
-            or "experiment_id" in event or "campaign_id" in event):
-        # The common case: an anonymous visitor's plain hit.
-        return Attribution(refs.site.owner, None, refs.segment_for(page_url, params, language), None,
-                           _utm_campaign(refs, params), utm, (), None), visitor
-    custom = dict(utm)
+    The Attribution returned may be shared between events: read-only."""
+    page_url = event.get("page_url")
+    custom_in = event.get("custom_data")
+    if not (visitor.lead_id or visitor.variants or event.get("lead_id") or event.get("experiment_id")
+            or event.get("campaign_id")) and (
+            not custom_in or (type(custom_in) is dict and "email" not in custom_in
+                              and "experiment" not in custom_in)):
+        # The common case: an anonymous visitor's hit naming no lead, email, experiment or
+        # campaign. Its attribution depends on the page and language only: cached per site.
+        a = refs.pages.get((page_url, language) if refs.by_language else page_url)
+        return (refs.page_miss(page_url, language) if a is None else a), visitor
+    base = refs.pages.get((page_url, language) if refs.by_language else page_url)
+    if base is None:
+        base = refs.page_miss(page_url, language)  # what the page gives; the rest overrides it
+    if type(custom_in) is not dict:
+        custom_in = NO_PARAMS
+    dropped: tuple[str, ...] = ()
 
     # Lead: named by id, or by email; else the one the visitor was linked to before.
     lead: Lead | None = None
+    lead_id = visitor.lead_id
     named = event.get("lead_id")
     if named:
-        lead = lookup_lead(lead_id=named, email=None)
-        if lead is None or lead.site_id != site_id:
-            dropped.append("lead")
+        lead = lookup_lead(named, None)
+        if lead is None or lead.site_id != refs.site.id:
+            dropped = ("lead",)
             lead = None
-    email = custom_in.get("email") if isinstance(custom_in, dict) else None
-    if lead is None and isinstance(email, str) and "@" in email:
-        lead = lookup_lead(lead_id=None, email=email.strip().lower())
+    if lead is None and "email" in custom_in:
+        email = custom_in["email"]
+        if isinstance(email, str) and "@" in email:
+            lead = lookup_lead(None, email.strip().lower())
     backfill = None
-    if lead is not None and lead.id != visitor.lead_id:
-        backfill = lead.id
-        visitor = VisitorAttribution(lead.id, visitor.variants)
-    lead_id = lead.id if lead is not None else visitor.lead_id
-    if lead is None and visitor.lead_id is not None:
-        lead = lookup_lead(lead_id=visitor.lead_id, email=None)
+    if lead is not None:
+        if lead.id != lead_id:
+            backfill = lead_id = lead.id
+            visitor = _new(VisitorAttribution, (lead_id, visitor.variants))
+    elif lead_id is not None:
+        lead = lookup_lead(lead_id, None)
 
-    # Segment.
-    if lead is not None and lead.segment_id:
-        segment_id = lead.segment_id
-    else:
-        segment_id = refs.segment_for(page_url, params, language)
+    # Segment: the lead's, else the page's.
+    segment_id = lead.segment_id if lead is not None and lead.segment_id else base.segment_id
 
     # Experiment: named on the event, else the visitor's running one.
+    custom = base.custom  # shared: copied before adding to it
     experiment_id = None
     named_exp = event.get("experiment_id") or (
-        as_uuid(custom_in.get("experiment")) if isinstance(custom_in, dict) else None)
+        as_uuid(custom_in["experiment"]) if "experiment" in custom_in else None)
     if named_exp:
         exp = refs.experiments.get(named_exp)
         if exp is not None and exp.running_at(t):
             experiment_id = exp.id
-            variant = visitor.variant(exp.id)
-            if variant is None:
-                variant = str(custom_in.get("variant", "")) if isinstance(custom_in, dict) else ""
-                visitor = VisitorAttribution(visitor.lead_id, visitor.variants + ((exp.id, variant),))
-            custom["$variant"] = variant
+            for eid, variant in visitor.variants:
+                if eid == experiment_id:
+                    break
+            else:
+                variant = str(custom_in.get("variant", ""))
+                visitor = _new(VisitorAttribution, (visitor.lead_id, visitor.variants + ((experiment_id, variant),)))
+            custom = {**custom, "$variant": variant}
         else:
-            dropped.append("experiment")
-    else:
+            dropped += ("experiment",)
+    elif visitor.variants:
         for eid, variant in reversed(visitor.variants):
             exp = refs.experiments.get(eid)
             if exp is not None and exp.running_at(t):
                 experiment_id = eid
-                custom["$variant"] = variant
+                custom = {**custom, "$variant": variant}
                 break
 
-    # Campaign.
-    campaign_id = None
+    # Campaign: named on the event, else the page's UTM campaign.
+    campaign_id = base.campaign_id
     named_campaign = event.get("campaign_id")
     if named_campaign:
         if named_campaign in refs.experiments:
             campaign_id = named_campaign
         else:
-            dropped.append("campaign")
-    else:
-        campaign_id = _utm_campaign(refs, params)
+            campaign_id = None
+            dropped += ("campaign",)
 
-    return Attribution(refs.site.owner, lead_id, segment_id, experiment_id, campaign_id, custom,
-                       tuple(dropped), backfill), visitor
+    if lead_id is None and experiment_id is None and campaign_id == base.campaign_id and not dropped:
+        return base, visitor  # named nothing that counts: the page's result
+    return _new(Attribution, (refs.site.owner, lead_id, segment_id, experiment_id, campaign_id, custom,
+                              dropped, backfill, base.page)), visitor
 
 
 @dataclass
@@ -320,16 +386,30 @@ class RefSnapshot:
     sites: dict[str, SiteRefs | None] = field(default_factory=dict)
     leads: dict[str, Lead | None] = field(default_factory=dict)  # by id
     emails: dict[tuple[str, str], Lead | None] = field(default_factory=dict)  # (site, lower email)
+    # Built on first use (the snapshot is read-only by then): one lookup per site, and
+    # the leads found by email indexed by id.
+    _lookups: dict[str, LeadLookup] = field(default_factory=dict, repr=False, compare=False)
+    _email_leads: dict[str, Lead] | None = field(default=None, repr=False, compare=False)
 
     def lookup_lead(self, site_id: str) -> LeadLookup:
+        lookup = self._lookups.get(site_id)
+        if lookup is not None:
+            return lookup
+
         def lookup(lead_id: str | None, email: str | None) -> Lead | None:
             if lead_id is not None:
                 lead = self.leads.get(lead_id)
                 if lead is None:  # linked by email earlier in this same batch
-                    lead = next((x for x in self.emails.values() if x is not None and x.id == lead_id), None)
+                    if self._email_leads is None:
+                        self._email_leads = {}
+                        for x in self.emails.values():
+                            if x is not None:
+                                self._email_leads.setdefault(x.id, x)
+                    lead = self._email_leads.get(lead_id)
                 return lead
             return self.emails.get((site_id, email or ""))
 
+        self._lookups[site_id] = lookup
         return lookup
 
 

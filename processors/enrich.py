@@ -175,12 +175,19 @@ class Enricher:
 
     def needs(self, decoded: list[tuple[int, Envelope]],
               states: Mapping[VisitorKey, VisitorState]) -> attr.Needs:
-        """The reference data keys the batch refers to (for the worker to load)."""
+        """The reference data keys the batch refers to (for the worker to load).
+        ``states``: those of the batch's visitors (any other only adds its lead to load)."""
         needs = attr.Needs()
+        sites = needs.sites
+        no_visitor = NO_STATE.attribution
         for _, env in decoded:
             ev = env["event"]
-            state = states.get((ev["site_id"], ev["visitor_id"]), NO_STATE)
-            attr.needs_of(ev, state.attribution, needs)
+            sites.add(ev["site_id"])
+            if "lead_id" in ev or "custom_data" in ev:  # most events name neither
+                attr.needs_of(ev, no_visitor, needs)
+        for state in states.values():  # linked leads: once per visitor, not per event
+            if state.attribution.lead_id:
+                needs.leads.add(state.attribution.lead_id)
         return needs
 
     def _zone(self, name: str | None) -> ZoneInfo:
@@ -212,7 +219,7 @@ class Enricher:
             t = _ms_to_dt(t_ms)
             lang = _primary_language(env["hints"].get("accept-language"))
             a, visitor = attr.attribute(ev, site, refs.lookup_lead(key[0]), state.attribution, t, lang)
-            source = sess.traffic_source(ev.get("page_url"), ev.get("referrer_url"), a.campaign_id)
+            source = sess.traffic_source(ev.get("page_url"), ev.get("referrer_url"), a.campaign_id, a.page)
             session_id, sessions = sess.assign(
                 state.sessions, site_id=key[0], visitor_id=key[1], t_ms=t_ms, source=source,
                 tz=self._zone(site.time_zone), timeout_ms=self.timeout_ms,

@@ -22,17 +22,18 @@ import uuid
 from functools import lru_cache
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
+
+from processors.urls import NO_PAGE, PageURL, parse_page
 
 # Sessions remembered per visitor: enough for out-of-order delivery, small in Postgres.
 RECENT_SESSIONS = 6
 
 _NAMESPACE = uuid.UUID("6f0c8a4e-8b1e-4e55-9a53-7a3c2f6d1b90")
 
-_UTM_KEYS = ("utm_source", "utm_medium", "utm_campaign")
-# Ad click ids that mark paid traffic even without UTM tags.
-_CLICK_IDS = ("gclid", "fbclid", "msclkid", "dclid", "ttclid", "twclid", "li_fat_id", "yclid")
+# The sources a page's own query names (UTM tags, ad click ids) are read by
+# processors/urls.py, whose parse of the page attribution shares.
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,39 +73,24 @@ def local_day(t_ms: int, tz: ZoneInfo | timezone) -> int:
     return datetime.fromtimestamp(t_ms / 1000, tz).toordinal()
 
 
-def traffic_source(page_url: str | None, referrer_url: str | None, campaign_id: str | None = None) -> str | None:
+def traffic_source(page_url: str | None, referrer_url: str | None, campaign_id: str | None = None,
+                   page: PageURL | None = None) -> str | None:
     """What brought the visitor, or None when the hit says nothing new (internal or direct).
 
     Precedence: explicit campaign, UTM tags, ad click id, external referrer host.
+    ``page`` is ``page_url`` already parsed (attribution passes it on), else it is parsed here.
     """
     if campaign_id:
         return f"campaign:{campaign_id}"
-    page_host, page_source = _page(page_url) if page_url else (None, None)
-    if page_source:
-        return page_source
+    if page is None:
+        page = parse_page(page_url) if page_url else NO_PAGE
+    page_host = page.host
+    if page.source:
+        return page.source
     ref_host = _host(referrer_url) if referrer_url else None
     if ref_host is None or ref_host == page_host:
         return None  # direct, unknown, or internal navigation
     return f"ref:{ref_host}"
-
-
-@lru_cache(maxsize=16384)
-def _page(url: str) -> tuple[str | None, str | None]:
-    """(bare host, source named by the page's own query). Cached: pages repeat a lot."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname
-    except ValueError:
-        return None, None
-    source = None
-    if parts.query:
-        params = dict(parse_qsl(parts.query, keep_blank_values=False))
-        utm = [params.get(k, "").strip().lower() for k in _UTM_KEYS]
-        if any(utm):
-            source = "utm:" + "/".join(utm)
-        else:
-            source = next((f"click:{c}" for c in _CLICK_IDS if c in params), None)
-    return (_bare_host(host) if host else None), source
 
 
 @lru_cache(maxsize=16384)

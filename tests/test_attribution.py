@@ -157,3 +157,157 @@ def test_campaign_explicit_then_utm_by_id_or_name():
     assert a.campaign_id == EXP
     a, _ = run({"page_url": "https://a.example/?utm_campaign=unknown"}, site_refs=site)
     assert a.campaign_id is None and a.custom["$utm_campaign"] == "unknown"
+
+
+# -- the compiled segment matcher and the per-page cache ---------------------------------
+
+import fnmatch  # noqa: E402
+import random  # noqa: E402
+
+from processors.attribution import PAGE_CACHE_SIZE, SegmentMatcher  # noqa: E402
+from processors.sessions import traffic_source  # noqa: E402
+from processors.urls import parse_page  # noqa: E402
+
+
+def reference_segment(segments, page_url, params, language):
+    """docs/attribution.md's segment rules, read literally: every segment whose rules all
+    match, the winner by the tie-break (more rules, longer url, older, smaller id)."""
+    page = parse_page(page_url) if page_url else None
+    bare, path = (page.bare, page.path) if page else ("", "")
+    terms = " ".join(params.get(k, "") for k in ("utm_term", "utm_campaign", "utm_content")).lower()
+    matching = []
+    for seg in segments:
+        if not (seg.url or seg.keywords or seg.language):
+            continue
+        if seg.url:
+            target = path if seg.url.startswith("/") else bare
+            if not (fnmatch.fnmatchcase(target, seg.url) if "*" in seg.url else target.startswith(seg.url)):
+                continue
+        if seg.keywords and not any(k in bare + " " + terms for k in seg.keywords):
+            continue
+        if seg.language and (language or "").split("-")[0] != seg.language:
+            continue
+        matching.append(seg)
+    if not matching:
+        return None
+    return min(matching, key=lambda s: (-s.rules, -len(s.url or ""), s.created_at is None,
+                                        s.created_at or datetime.min.replace(tzinfo=UTC), s.id)).id
+
+
+def matcher_segment(segments, page_url, params, language):
+    page = parse_page(page_url) if page_url else parse_page("")
+    return SegmentMatcher(order_segments(list(segments))).match(page._replace(params=params), language)
+
+
+def test_matcher_positive_and_negative_cases():
+    blog = Segment(SEG_BLOG, "https://www.Shop.example/blog", (), None, T)
+    es = Segment(SEG_ES, "/es/*", ("hola",), "es", T)
+    m = SegmentMatcher(order_segments([blog, es]))
+    assert m.by_language
+    assert m.match(parse_page("http://shop.example/blog/x"), None) == SEG_BLOG
+    assert m.match(parse_page("https://other.example/blog/x"), None) is None
+    assert m.match(parse_page("https://a.example/es/blog/hola"), "es-mx") == SEG_ES
+    assert m.match(parse_page("https://a.example/es/blog/hola"), "en") is None  # language
+    assert m.match(parse_page("https://a.example/es/blog/adios"), "es") is None  # keyword
+    assert m.match(parse_page("https://a.example/en/es/hola"), "es") is None  # pattern over the whole path
+    page = parse_page("https://a.example/es/x?utm_term=HOLA")
+    assert m.match(page, "es") == SEG_ES  # keyword in a UTM term
+    assert not SegmentMatcher(order_segments([blog])).by_language
+    assert SegmentMatcher(()).match(page, "es") is None
+    assert SegmentMatcher((Segment(SEG_ES, None, (), None, T),)).match(page, "es") is None  # no rules
+
+
+def test_matcher_tie_break():
+    page = parse_page("https://a.example/blog/es/hola")
+    broad = Segment(SEG_BLOG, "/blog", (), None, T - timedelta(days=9))
+    narrow = Segment(SEG_ES, "/blog/es", (), None, T)
+    two_rules = Segment(SEG_LEAD, "/blog", ("hola",), None, T)
+    assert SegmentMatcher(order_segments([broad, narrow])).match(page, None) == SEG_ES  # longer url
+    assert SegmentMatcher(order_segments([narrow, two_rules])).match(page, None) == SEG_LEAD  # more rules
+    older = Segment(SEG_ES, "/blog", (), None, T - timedelta(days=30))
+    assert SegmentMatcher(order_segments([broad, older])).match(page, None) == SEG_ES  # older
+    twin = Segment(SEG_ES, "/blog", (), None, T - timedelta(days=9))
+    assert SegmentMatcher(order_segments([twin, broad])).match(page, None) == SEG_BLOG  # smaller id
+    # A language rule counts as a rule: with Spanish it wins, otherwise the next one does.
+    lang = Segment(SEG_LEAD, "/blog", (), "es", T)
+    assert SegmentMatcher(order_segments([narrow, lang])).match(page, "es") == SEG_LEAD
+    assert SegmentMatcher(order_segments([narrow, lang])).match(page, "de") == SEG_ES
+
+
+def test_matcher_agrees_with_the_rules_on_random_cases():
+    rng = random.Random(4)
+    urls = [None, "/blog", "/blog/es", "/b", "/*/hola", "/blog*", "shop.example", "https://www.shop.example/blog",
+            "shop.example/*/pricing", "*.example/es*", "/ES", "other.example/", "shop.example/blog?x=1"]
+    keywords = [(), (), ("shoes",), ("hola", "sale"), ("blog",), ("spring sale",)]
+    languages = [None, None, "es", "en", "pt"]
+    pages = ["https://shop.example/blog/es/hola", "http://www.shop.example/blog", "https://shop.example/en/pricing",
+             "https://other.example/es/shoes", "https://shop.example/blog?x=1&utm_term=Sale", "/relative/blog",
+             "https://[broken/blog", "https://SHOP.example/Blog/ES", None]
+    params_pool = [{}, {"utm_term": "Shoes"}, {"utm_campaign": "spring sale", "utm_content": "x"},
+                   {"utm_source": "blog"}]
+    ids = [f"5555555{i}-5555-4555-8555-555555555555" for i in range(8)]
+    for _ in range(3000):
+        segments = [Segment(rng.choice(ids), rng.choice(urls), rng.choice(keywords), rng.choice(languages),
+                            rng.choice([None, T, T - timedelta(days=rng.randrange(1, 5))]))
+                    for _ in range(rng.randrange(0, 7))]
+        segments = list({s.id: s for s in segments}.values())  # ids are unique
+        page, params = rng.choice(pages), rng.choice(params_pool)
+        language = rng.choice([None, "es", "es-mx", "en-gb", "pt"])
+        expected = reference_segment(segments, page, params, language)
+        assert matcher_segment(segments, page, params, language) == expected, (segments, page, params, language)
+        assert match_segment(order_segments(segments), page, params, language) == expected
+
+
+def test_page_results_are_cached_per_page_and_language_and_bounded():
+    es = Segment(SEG_ES, "/blog", (), "es", T)
+    site = refs([es])
+    a, _ = run({"page_url": "https://a.example/blog/x?utm_source=news"}, site_refs=site, lang="es-es")
+    b, _ = run({"page_url": "https://a.example/blog/x?utm_source=news", "custom_data": {"element": "cta"}},
+               site_refs=site, lang="es-es")
+    assert a is b and a.segment_id == SEG_ES and a.custom == {"$utm_source": "news"}
+    c, _ = run({"page_url": "https://a.example/blog/x?utm_source=news"}, site_refs=site, lang="en")
+    assert c.segment_id is None and c.custom == a.custom  # keyed by language too
+    for i in range(PAGE_CACHE_SIZE + 10):
+        site.page(f"https://a.example/{i}", None)
+    assert len(site.pages) <= PAGE_CACHE_SIZE
+    site.segments = order_segments([Segment(SEG_BLOG, "/blog", (), None, T)])  # recompiled, cache dropped
+    assert not site.by_language and not site.pages
+    assert site.page("https://a.example/blog/x", "es").segment_id == SEG_BLOG
+
+
+def test_events_naming_something_get_what_the_plain_hit_gets_plus_that():
+    site = refs([Segment(SEG_BLOG, "/blog", (), None, T)], experiments=[running()])
+    plain, _ = run({"page_url": "https://a.example/blog?utm_campaign=checkout%20test"}, site_refs=site)
+    assert plain.segment_id == SEG_BLOG and plain.campaign_id == EXP
+    a, visitor = run({"page_url": "https://a.example/blog?utm_campaign=checkout%20test", "experiment_id": EXP,
+                      "custom_data": {"variant": "B", "email": "nobody@example.com"}}, site_refs=site)
+    assert (a.segment_id, a.campaign_id, a.experiment_id) == (SEG_BLOG, EXP, EXP)
+    assert a.custom == {"$utm_campaign": "checkout test", "$variant": "B"}
+    assert plain.custom == {"$utm_campaign": "checkout test"}  # the shared result is left alone
+    a, _ = run({"page_url": "https://a.example/blog?utm_campaign=checkout%20test"}, site_refs=site, visitor=visitor)
+    assert a.experiment_id == EXP and a.custom["$variant"] == "B"
+    a, _ = run({"page_url": "https://a.example/blog", "custom_data": {"email": "nobody@example.com"}},
+               site_refs=site)
+    assert a is site.page("https://a.example/blog", None)  # named nothing that counts
+
+
+def test_parse_page_and_the_session_source_it_carries():
+    p = parse_page("HTTPS://WWW.Shop.example:8080/Blog/X?utm_source=News&utm_medium=email&gclid=1&e=")
+    assert p.ok and p.bare == "shop.example:8080/blog/x?utm_source=news&utm_medium=email&gclid=1&e="
+    assert p.path == "/blog/x" and p.host == "shop.example" and p.params["utm_source"] == "News"
+    assert "e" not in p.params and p.source == "utm:news/email/"
+    assert parse_page("https://a.example/?fbclid=x").source == "click:fbclid"
+    broken = parse_page("https://[broken/Blog")
+    assert not broken.ok and broken.bare == "https://[broken/blog" and broken.host is None and broken.source is None
+    for page, ref in [("https://a.example/x?utm_source=y", None), ("https://www.a.example/", "https://a.example/y"),
+                      ("https://a.example/", "https://google.com/"), ("https://[broken/", "https://b.example/")]:
+        assert traffic_source(page, ref, None, parse_page(page)) == traffic_source(page, ref)
+
+
+def test_lookup_is_built_once_per_site_and_finds_leads_linked_by_email_in_the_batch():
+    snap = snapshot()
+    lookup = snap.lookup_lead(SITE)
+    assert snap.lookup_lead(SITE) is lookup
+    del snap.leads[LEAD]
+    assert lookup(LEAD, None) == Lead(LEAD, SITE, SEG_LEAD)  # linked by email earlier in the batch
+    assert lookup(None, "ana@example.com").id == LEAD and lookup(None, "x@example.com") is None
