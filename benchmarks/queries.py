@@ -1,14 +1,17 @@
 """How fast the analysts' queries (docs/querying.md) are on a large visitor_events.
 
 Creates a scratch database with the full migrations, generates N events (default
-10 million) over D days (30) for S sites (100) entirely in SQL, then times each
-documented query for one site and one week, as an analyst under row-level security
-(a login role in group "analyst", mapped to the site's owner) and, for comparison, as
-the table owner (no RLS). Prints p50 and p95 per query; --explain also prints each
-query's EXPLAIN (ANALYZE, BUFFERS). The database is dropped at the end (--keep keeps it).
+10 million) over D days (30) for S sites (100) entirely in SQL, runs the rollup job
+(pipeline/rollups.py: everything up to a minute ago, as a worker would after the load;
+its time and the rollups' size are printed), then times each documented query for one
+site and one week, as an analyst under row-level security (a login role in group
+"analyst", mapped to the site's owner) and, for comparison, as the table owner (no
+RLS). Prints p50 and p95 per query; --explain also prints each query's EXPLAIN
+(ANALYZE, BUFFERS). The database is dropped at the end (--keep keeps it).
+--no-rollups skips the job: every query then reads visitor_events, as before rollups.
 
     .venv/bin/python benchmarks/queries.py [--dsn URL] [--events 10000000] [--days 30] [--sites 100]
-                                           [--runs 21] [--explain] [--keep]
+                                           [--runs 21] [--explain] [--keep] [--no-rollups]
 
 The data (all generated with generate_series and random(), setseed() for repeatability):
   * traffic per site is Zipf-like (site rank r gets ~ ln((r+1)/r) of it: the largest
@@ -44,6 +47,7 @@ import asyncpg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from pipeline import rollups  # noqa: E402
 from pipeline import settings as cfg  # noqa: E402
 from schemas.migrate import apply_migrations, ensure_partitions  # noqa: E402
 
@@ -154,11 +158,7 @@ ORDER BY x.at
 
 # The documented queries (docs/querying.md): $1 site (or lead/experiment), $2 from, $3 to.
 QUERIES: dict[str, tuple[str, str]] = {
-    "page views per day": ("site", """
-        SELECT date_trunc('day', created_at, 'UTC') AS day, count(*) AS page_views
-        FROM public.visitor_events
-        WHERE site_id = $1 AND created_at >= $2 AND created_at < $3 AND event_type = 'pageview'
-        GROUP BY 1 ORDER BY 1"""),
+    "page views per day": ("site", "SELECT * FROM public.site_page_views($1, $2, $3)"),
     "daily stats (sessions, bounce rate)": ("site", "SELECT * FROM public.site_daily_stats($1, $2, $3)"),
     "sessions (latest 100)": ("site", """
         SELECT * FROM public.site_sessions($1, $2, $3) ORDER BY started_at DESC LIMIT 100"""),
@@ -260,6 +260,15 @@ async def run(args: argparse.Namespace) -> None:
         size = await conn.fetchval(
             "SELECT pg_size_pretty(sum(pg_total_relation_size(partition))) FROM pipeline.visitor_events_partitions()")
         print(f"{total:,} events, {size} with indexes, loaded in {load_s:.0f} s", flush=True)
+        if args.rollups:
+            run_ = await rollups.roll_up(conn, lag=timedelta(minutes=1))
+            await conn.execute("VACUUM (ANALYZE) " + ", ".join(rollups.TABLES))
+            sizes = await conn.fetch(
+                "SELECT t, pg_size_pretty(pg_total_relation_size(t::regclass)) AS size,"
+                " (SELECT reltuples::bigint FROM pg_class WHERE oid = t::regclass) AS rows FROM unnest($1::text[]) t",
+                list(rollups.TABLES))
+            print(f"rollups: {run_.rows:,} events rolled up in {run_.seconds:.0f} s ({run_.slices} transactions); "
+                  + ", ".join(f"{r['t']} {r['rows']:,} rows {r['size']}" for r in sizes), flush=True)
 
         # the last full week; the median site by traffic and the largest one
         week = (today - timedelta(days=7), today)
@@ -325,6 +334,8 @@ def main() -> None:
     parser.add_argument("--seed", type=float, default=0.42, help="setseed() value for the data")
     parser.add_argument("--explain", action="store_true", help="also print EXPLAIN (ANALYZE, BUFFERS) of each query")
     parser.add_argument("--keep", action="store_true", help="keep the database")
+    parser.add_argument("--no-rollups", dest="rollups", action="store_false",
+                        help="do not run the rollup job (the queries read visitor_events only)")
     args = parser.parse_args()
     if args.days < 8:
         parser.error("--days must be at least 8 (a full week is timed)")

@@ -5,7 +5,7 @@
     pipeline dlq list|replay  inspect or re-feed dead letters
     pipeline migrate          apply SQL migrations and create partitions ahead
     pipeline maintenance      periodic jobs: partitions ahead, DEFAULT partition drain,
-                              experiment participants
+                              experiment participants, rollups
     pipeline stack up|down|status|env
                               the local stack (Kafka, PostgreSQL, collector)
     pipeline tail             print events from a Kafka topic (debugging)
@@ -33,8 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     cfg.add_arguments(p, cfg.CollectorSettings, cfg.KafkaSettings, cfg.PostgresSettings, cfg.LogSettings)
 
     p = sub.add_parser("worker", help="run a stream worker (consumer group member)")
-    cfg.add_arguments(p, cfg.WorkerSettings, cfg.EnrichSettings, cfg.KafkaSettings, cfg.PostgresSettings,
-                      cfg.LogSettings)
+    cfg.add_arguments(p, cfg.WorkerSettings, cfg.RollupSettings, cfg.EnrichSettings, cfg.KafkaSettings,
+                      cfg.PostgresSettings, cfg.LogSettings)
 
     p = sub.add_parser("dlq", help="dead letters: list them, or replay them into the events topic")
     p.add_argument("action", choices=["list", "replay"])
@@ -46,8 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("migrate", help="apply SQL migrations (idempotent) and create partitions ahead")
     cfg.add_arguments(p, cfg.PostgresSettings, cfg.LogSettings)
 
-    p = sub.add_parser("maintenance", help="periodic jobs: partitions ahead, drain DEFAULT, participants")
-    cfg.add_arguments(p, cfg.PostgresSettings, cfg.LogSettings)
+    p = sub.add_parser("maintenance", help="periodic jobs: partitions ahead, drain DEFAULT, participants, rollups")
+    p.add_argument("--rebuild-rollups", action="store_true",
+                   help="forget the rollups and build them again from visitor_events (docs/operations.md)")
+    cfg.add_arguments(p, cfg.PostgresSettings, cfg.RollupSettings, cfg.LogSettings)
 
     p = sub.add_parser("stack", help="the local stack: Kafka, PostgreSQL, collector")
     p.add_argument("action", choices=["up", "down", "status", "env"])
@@ -91,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         return _stack(args)
 
     if args.command == "maintenance":
-        return asyncio.run(_maintenance(cfg.load(cfg.PostgresSettings, args)))
+        return asyncio.run(_maintenance(cfg.load(cfg.PostgresSettings, args), cfg.load(cfg.RollupSettings, args),
+                                        rebuild_rollups=args.rebuild_rollups))
 
     if args.command == "tail":
         return asyncio.run(_tail(cfg.load(cfg.KafkaSettings, args), args))
@@ -135,7 +138,8 @@ async def _worker(args: argparse.Namespace) -> int:
     from pipeline.worker import Worker
 
     worker = Worker(cfg.load(cfg.WorkerSettings, args), cfg.load(cfg.KafkaSettings, args),
-                    cfg.load(cfg.PostgresSettings, args), cfg.load(cfg.EnrichSettings, args))
+                    cfg.load(cfg.PostgresSettings, args), cfg.load(cfg.EnrichSettings, args),
+                    rollup=cfg.load(cfg.RollupSettings, args))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop_nowait)
@@ -185,12 +189,13 @@ async def _migrate(pg: cfg.PostgresSettings) -> int:
     return 0
 
 
-async def _maintenance(pg: cfg.PostgresSettings) -> int:
+async def _maintenance(pg: cfg.PostgresSettings, rollup: cfg.RollupSettings, *, rebuild_rollups: bool = False) -> int:
     """What a cron job runs (daily is enough; hourly is fine): idempotent."""
     import datetime as dt
 
     import asyncpg
 
+    from pipeline import rollups
     from schemas.migrate import drain_default_partition, ensure_partitions
 
     conn = await asyncpg.connect(pg.database_url)
@@ -199,10 +204,19 @@ async def _maintenance(pg: cfg.PostgresSettings) -> int:
         await ensure_partitions(conn, now, now + dt.timedelta(days=pg.partition_premake_days))
         drained = await drain_default_partition(conn)
         changed = await conn.fetchval("SELECT pipeline.recompute_experiment_participants()")
+        if rebuild_rollups:
+            await rollups.rebuild(conn)
+        run = await rollups.roll_up(conn, lag=dt.timedelta(seconds=rollup.lag_s),
+                                    slice=dt.timedelta(hours=rollup.slice_hours), hourly_days=rollup.hourly_days)
     finally:
         await conn.close()
     print(f"partitions ensured for {pg.partition_premake_days} days ahead; {drained} row(s) moved out of "
           f"the DEFAULT partition; {changed} experiment_segments row(s) updated")
+    if run.skipped:
+        print(f"rollups skipped: {run.skipped}")
+    else:
+        print(f"rollups{' rebuilt and' if rebuild_rollups else ''} complete up to "
+              f"{run.rolled_to:%Y-%m-%d %H:%M:%S}Z: {run.rows} row(s) added ({run.late} late) in {run.seconds:.1f} s")
     return 0
 
 

@@ -114,6 +114,10 @@ class WorkerSettings:
         3600.0, "WORKER_MAINTENANCE_INTERVAL",
         "seconds between upkeep runs: partitions ahead, forgetting idle visitors (one worker at a time)",
     )
+    rollup_interval_s: float = _opt(
+        60.0, "ROLLUP_INTERVAL",
+        "seconds between runs of the rollup job that keeps the analyst queries fast (one worker at a time; 0: off)",
+    )
     visitor_state_days: int = _opt(
         7, "VISITOR_STATE_DAYS", "session/attribution state of visitors idle this long is deleted by upkeep"
     )
@@ -125,6 +129,21 @@ class WorkerSettings:
     )
     refdata_negative_ttl_s: float = _opt(
         30.0, "REFDATA_NEGATIVE_TTL", "seconds an unknown site/lead is remembered as unknown"
+    )
+
+
+@dataclass(frozen=True)
+class RollupSettings:
+    lag_s: float = _opt(
+        120.0, "ROLLUP_LAG",
+        "the rollup job leaves events younger than this many seconds to its next run (queries read them raw)",
+    )
+    slice_hours: float = _opt(
+        24.0, "ROLLUP_SLICE_HOURS", "most event time one rollup transaction covers (first run, catching up)"
+    )
+    hourly_days: int = _opt(
+        8, "ROLLUP_HOURLY_DAYS",
+        "days the hourly rollups of site_top's dimensions are kept after their day closed (ranges cutting a day)",
     )
 
 
@@ -163,7 +182,8 @@ class LogSettings:
     format: str = _opt("json", "LOG_FORMAT", "json or text")
 
 
-SECTIONS = (KafkaSettings, PostgresSettings, CollectorSettings, WorkerSettings, EnrichSettings, StackSettings, LogSettings)
+SECTIONS = (KafkaSettings, PostgresSettings, CollectorSettings, WorkerSettings, RollupSettings, EnrichSettings,
+            StackSettings, LogSettings)
 
 
 # ---------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from pipeline.settings import EnrichSettings, KafkaSettings, PostgresSettings, WorkerSettings
+from pipeline.settings import EnrichSettings, KafkaSettings, PostgresSettings, RollupSettings, WorkerSettings
 from pipeline.refdata import RefCache
 from processors.enrich import DeadLetter, Enricher, VisitorState
 from sinks.postgres import Batch, Fenced, PostgresSink, SinkUnavailable
@@ -105,10 +105,12 @@ class _Listener(ConsumerRebalanceListener):
 
 class Worker:
     def __init__(self, worker: WorkerSettings, kafka: KafkaSettings, pg: PostgresSettings,
-                 enrich: EnrichSettings, *, owner: str | None = None) -> None:
+                 enrich: EnrichSettings, *, owner: str | None = None,
+                 rollup: RollupSettings | None = None) -> None:
         self.cfg = worker
         self.kafka = kafka
         self.pg = pg
+        self.rollup = rollup or RollupSettings()
         self.enricher = Enricher.from_settings(enrich, worker)
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
         self.metrics = WorkerMetrics()
@@ -123,6 +125,7 @@ class Worker:
         self._states: OrderedDict[VisitorKey, VisitorState] = OrderedDict()
         self.refs: RefCache | None = None
         self._upkeep: asyncio.Task | None = None
+        self._rollups: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()  # informative commits in flight
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
@@ -157,6 +160,8 @@ class Worker:
         if self.cfg.metrics_port:
             await self._start_http()
         self._upkeep = asyncio.create_task(self._maintain())
+        if self.cfg.rollup_interval_s > 0:
+            self._rollups = asyncio.create_task(self._roll_up())
         log.info("worker.started", extra={"owner": self.owner, "topic": self.kafka.events_topic,
                                           "group": self.cfg.group_id})
 
@@ -165,8 +170,9 @@ class Worker:
         self._stop.set()
 
     async def close(self) -> None:
-        if self._upkeep is not None:
-            self._upkeep.cancel()
+        for task in (self._upkeep, self._rollups):
+            if task is not None:
+                task.cancel()
         async with self._lock:
             await self._flush(deadline=time.monotonic() + 10)
         for closer in (self.consumer and self.consumer.stop, self.producer and self.producer.stop,
@@ -430,6 +436,33 @@ class Worker:
                 log.warning("worker.upkeep_failed", extra={"detail": str(exc)})
             try:
                 await asyncio.wait_for(self._stop.wait(), self.cfg.maintenance_interval_s)
+            except TimeoutError:
+                pass
+
+    async def _roll_up(self) -> None:
+        """Every ``rollup_interval_s``, the rollup job (pipeline/rollups.py); a worker
+        that finds another one running it skips its turn."""
+        from datetime import timedelta
+
+        from pipeline import rollups
+
+        assert self.pool is not None
+        while not self._stop.is_set():
+            try:
+                async with self.pool.acquire() as conn:
+                    run = await rollups.roll_up(conn, lag=timedelta(seconds=self.rollup.lag_s),
+                                                slice=timedelta(hours=self.rollup.slice_hours),
+                                                hourly_days=self.rollup.hourly_days)
+                if run.slices:
+                    log.info("worker.rollups", extra={"rows": run.rows, "late": run.late, "slices": run.slices,
+                                                      "rolled_to": run.rolled_to.isoformat() if run.rolled_to else None,
+                                                      "seconds": round(run.seconds, 3)})
+                if run.skipped and run.skipped != rollups.BUSY:  # another worker's turn is the normal case
+                    log.info("worker.rollups_skipped", extra={"detail": run.skipped})
+            except (asyncpg.PostgresError, OSError) as exc:
+                log.warning("worker.rollups_failed", extra={"detail": str(exc)})
+            try:
+                await asyncio.wait_for(self._stop.wait(), self.cfg.rollup_interval_s)
             except TimeoutError:
                 pass
 

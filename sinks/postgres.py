@@ -8,7 +8,9 @@ One ``write`` is one transaction that
   3. COPYs the rest in binary, isolating rows Postgres refuses (SQLSTATE classes 22
      and 23) by bisection inside savepoints, so one bad row never fails its batch,
   4. stores the visitors' session state,
-  5. hands refused rows to ``on_rejected`` (the dead-letter producer) before commit.
+  5. hands refused rows to ``on_rejected`` (the dead-letter producer) before commit,
+  6. last, names the rows it stored below the rollups' watermark in
+     public.site_rollup_late, so the rollup job adds them (pipeline/rollups.py).
 A crash anywhere rolls everything back, offsets included: the batch is re-read.
 
 Errors of any other class (connection lost, server shutting down, serialization,
@@ -34,7 +36,7 @@ COLUMNS = (
     "lead_id", "segment_id", "experiment_id", "site_id", "user_id", "created_at", "updated_at",
     "location", "campaign_id",
 )
-ID, CREATED_AT = COLUMNS.index("id"), COLUMNS.index("created_at")
+ID, CREATED_AT, SITE_ID = COLUMNS.index("id"), COLUMNS.index("created_at"), COLUMNS.index("site_id")
 
 Row = tuple
 Rejected = list[tuple[int, str]]  # (index in the batch's rows, reason)
@@ -152,9 +154,27 @@ class PostgresSink:
                 await self._backfill(conn, batch.backfills)
             if rejected and on_rejected is not None:
                 await on_rejected(rejected)
-        not_stored = {i for i, _ in rejected} | set(dup_now)
-        return WriteResult(stored=[i for i in fresh if i not in not_stored], duplicates=duplicates,
-                           rejected=rejected)
+            not_stored = {i for i, _ in rejected} | set(dup_now)
+            stored = [i for i in fresh if i not in not_stored]
+            if stored:
+                await self._mark_late(conn, [rows[i] for i in stored])
+        return WriteResult(stored=stored, duplicates=duplicates, rejected=rejected)
+
+    async def _mark_late(self, conn: asyncpg.Connection, rows: list[Row]) -> None:
+        """The write's last statements: rows stored below the rollups' watermark are named
+        in public.site_rollup_late for the rollup job. rollup_write_horizon() takes a lock
+        (shared, held until commit) that the job takes exclusively while it moves the
+        watermark: so this either commits before the job's snapshot, or sees the new
+        watermark. Last, so the lock is held for the commit only."""
+        horizon = await conn.fetchval("SELECT pipeline.rollup_write_horizon()")
+        if horizon is None:
+            return  # no rollups yet: the job's first run reads everything
+        late = [r for r in rows if r[CREATED_AT] < horizon and r[SITE_ID] is not None]
+        if late:
+            await conn.execute(
+                "INSERT INTO public.site_rollup_late (site_id, created_at, id)"
+                " SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::uuid[])",
+                [r[SITE_ID] for r in late], [r[CREATED_AT] for r in late], [r[ID] for r in late])
 
     async def _backfill(self, conn: asyncpg.Connection, backfills: list[tuple[str, str, str, datetime]]) -> None:
         """Identify: the visitor's earlier anonymous events get the lead (idempotent: only
