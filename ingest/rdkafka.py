@@ -64,10 +64,14 @@ class RdKafkaProducer:
 
     async def start(self, timeout_s: float) -> None:
         """Create the producer and wait until a broker answers a metadata request."""
+        self.open()
+        await self.metadata(timeout_s)
+
+    def open(self) -> None:
+        """Create the producer and start serving its reports (no broker contacted yet)."""
         self._loop = asyncio.get_running_loop()
         self._producer = confluent_kafka.Producer({**self.config, "error_cb": self._on_error, "logger": log})
         self._poll_handle = self._loop.call_later(IDLE_POLL_INTERVAL_S, self._poll)
-        await self.metadata(timeout_s)
 
     async def metadata(self, timeout_s: float) -> Any:
         """Cluster metadata from a broker (raises KafkaException when none answers).

@@ -980,10 +980,7 @@ class UncheckedProducer(RdKafkaProducer):
     """Starts without waiting for a broker's answer."""
 
     async def start(self, timeout_s: float) -> None:
-        self._loop = asyncio.get_running_loop()
-        import confluent_kafka
-
-        self._producer = confluent_kafka.Producer({**self.config, "error_cb": self._on_error})
+        self.open()
 
 
 async def test_producer_flush_on_shutdown_is_bounded(kafka, http, caplog):
