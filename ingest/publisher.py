@@ -247,11 +247,12 @@ class Publisher:
 
     # ------------------------------------------------------------------ publishing
 
-    def _delivered(self, request: _Request, cost: int, error: Exception | None) -> None:
+    def _delivered(self, request: _Request, cost: int, err: KafkaError | None, msg: Any) -> None:
         """One record's delivery report (on the loop thread): its bytes leave the budget
         now, whatever became of the request that sent it."""
         self._release(cost)
-        if error is not None:
+        if err is not None:
+            error = DeliveryFailed(err)
             self._throttle.log(logging.WARNING, "delivery", "collector.delivery_failed", error=repr(error))
             if request.error is None:
                 request.error = error
@@ -315,7 +316,7 @@ class Publisher:
             waits = self._waits
             while waits and not waits[0].active:  # acks mostly come in order: O(1) amortised
                 waits.popleft()
-        self._metrics.publish_latency.observe(loop.time() - started)
+        self._metrics.publish_latency(loop.time() - started)
 
     def _drain(self) -> None:
         """Hand the records of this loop iteration to librdkafka in one go.

@@ -121,13 +121,14 @@ class RdKafkaProducer:
     # ------------------------------------------------------------------ producing
 
     def send(self, topic: str, value: bytes, key: bytes | None, timestamp_ms: int,
-             on_delivery: Callable[[Exception | None], None]) -> None:
-        """Hand one record to librdkafka; never blocks. ``on_delivery(error)`` is called
-        later on the event loop's thread, with None once Kafka acknowledged the record.
+             on_delivery: Callable[[KafkaError | None, Any], None]) -> None:
+        """Hand one record to librdkafka; never blocks. ``on_delivery(err, msg)``, its
+        delivery report, is called later on the event loop's thread, with err None once
+        Kafka acknowledged the record (``DeliveryFailed(err)`` says why it was not;
+        passed through unwrapped: a wrapper costs a Python call per record).
         Raises BufferError when librdkafka's queue is full and KafkaException for a
         record it refuses outright (then ``on_delivery`` is never called)."""
-        self._producer.produce(topic, value, key, timestamp=timestamp_ms,
-                               on_delivery=partial(_report, on_delivery))
+        self._producer.produce(topic, value, key, timestamp=timestamp_ms, on_delivery=on_delivery)
         if not self._fast:
             self._fast = True
             if self._poll_handle is not None:
@@ -161,7 +162,3 @@ class RdKafkaProducer:
             log.error("collector.kafka_fatal", extra={"error": err.str()})
         else:
             log.debug("collector.kafka_error", extra={"error": err.str()})
-
-
-def _report(on_delivery: Callable[[Exception | None], None], err: KafkaError | None, msg: Any) -> None:
-    on_delivery(None if err is None else DeliveryFailed(err))

@@ -22,6 +22,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer
+from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.settings import CollectorSettings, KafkaSettings
 from pipeline.topics import create_topics, delete_topic  # noqa: F401 (re-exported for the tests)
@@ -164,3 +165,12 @@ async def read_topic(bootstrap: str, topic: str, *, timeout_s: float = 20.0) -> 
 
 async def create_topic(bootstrap: str, topic: str, partitions: int) -> None:
     await create_topics(bootstrap, {topic: partitions})
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
+    """Prometheus exposition text as {(sample name, sorted labels): value}."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out

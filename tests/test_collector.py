@@ -29,14 +29,15 @@ import pytest
 from aiohttp import web
 from confluent_kafka import KafkaError, KafkaException
 from multidict import CIMultiDict
-from prometheus_client.parser import text_string_to_metric_families
 
 from ingest import PUBLISHER, TRANSPARENT_GIF, create_app
 from ingest.clientip import MAX_HOPS, ClientIPResolver, parse_hop
 from ingest.cookieless import CookielessIds
 from ingest.publisher import PROBE_MAX_S, producer_options
 from ingest.rdkafka import RdKafkaProducer
-from collector_support import create_topic, delete_topic, read_topic, running_collector, send_events
+from collector_support import (
+    create_topic, delete_topic, metric_samples, read_topic, running_collector, send_events,
+)
 from pipeline.settings import PROJECT_ROOT, CollectorSettings, KafkaSettings
 
 PARTITIONS = 6
@@ -132,14 +133,6 @@ async def raw_request(url: str, request: bytes) -> tuple[int, dict[str, str], by
     return int(lines[0].split()[1]), headers, body
 
 
-def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
 async def metrics(http: aiohttp.ClientSession, svc) -> dict[tuple[str, tuple], float]:
     async with http.get(svc.base_url + "/metrics") as r:
         assert r.status == 200
@@ -157,7 +150,7 @@ class GatedProducer(RdKafkaProducer):
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
         self.holding = False
-        self.held: list[tuple[Callable, Any]] = []
+        self.held: list[tuple[Callable, Any, Any]] = []
         self.fail_with: BaseException | None = None
 
     def hold(self) -> None:
@@ -166,18 +159,18 @@ class GatedProducer(RdKafkaProducer):
     def release(self) -> None:
         self.holding = False
         held, self.held = self.held, []
-        for on_delivery, error in held:
-            on_delivery(error)
+        for on_delivery, err, msg in held:
+            on_delivery(err, msg)
 
     def send(self, topic, value, key, timestamp_ms, on_delivery) -> None:
         if self.fail_with is not None:
             raise self.fail_with
 
-        def report(error) -> None:
+        def report(err, msg) -> None:
             if self.holding:
-                self.held.append((on_delivery, error))
+                self.held.append((on_delivery, err, msg))
             else:
-                on_delivery(error)
+                on_delivery(err, msg)
 
         super().send(topic, value, key, timestamp_ms, report)
 
