@@ -1,4 +1,5 @@
-"""The rollup job: visitor_events pre-aggregated per site, hour, day and session.
+"""The rollup job: visitor_events pre-aggregated per site, hour, day and session, and
+per site, visitor and hour the event sequences site_funnel reads (migration 0041).
 
 ``roll_up`` moves ``pipeline.rollup_state.rolled_to`` forward to ``now - lag`` in
 slices of at most ``slice`` of event time, one transaction per slice. A slice
@@ -8,9 +9,12 @@ marked late (public.site_rollup_late: stored below rolled_to after it had passed
 the marks are deleted and rolled_to is set to ``end`` in the same transaction. Every
 aggregate merges exactly (sums, sorted sets of visitor hashes, first/last event of a
 session), so the current hour's rows are extended run by run instead of being
-recomputed. A UTC day's hours are folded into daily rows once, in the slice that closes
-the day; the hourly rows of site_top's dimensions are dropped ``hourly_days`` later
-(the site-wide ones are kept: days in other time zones are made of them).
+recomputed. A visitor's sequence of an hour (public.site_visitor_sequences: its events'
+type codes in (created_at, id) order) gets the slice's events appended, being later than
+all it holds; an hour that receives late rows is rebuilt from all its events instead.
+A UTC day's hours are folded into daily rows once, in the slice that closes the day;
+the hourly rows of site_top's dimensions are dropped ``hourly_days`` later (the
+site-wide ones are kept: days in other time zones are made of them).
 
 The hand-over with the sinks (sinks/postgres.py). A sink's write transaction ends
 with ``pipeline.rollup_write_horizon()``: a shared transaction-level advisory lock,
@@ -47,7 +51,7 @@ JOB_LOCK = 4  # one job at a time
 BUSY = "another rollup job is running"
 
 TABLES = ("public.site_daily_rollups", "public.site_hourly_rollups", "public.site_session_rollups",
-          "public.site_rollup_late")
+          "public.site_rollup_late", "public.site_event_type_codes", "public.site_visitor_sequences")
 
 # One statement per slice, from its REPEATABLE READ snapshot. $1, $2: the slice [start,
 # end); $3: the first day still open after it (days before it are closed: daily rows); $4:
@@ -61,7 +65,7 @@ TABLES = ("public.site_daily_rollups", "public.site_hourly_rollups", "public.sit
 # the old ones, so a session that grows, stops being a bounce or gets an earlier first
 # event is counted once, where it now starts. The days that close in this slice get their
 # daily rows from their hourly rows plus the slice's rows; hourly rows of the dimensions
-# before $5 (and closed) are dropped.
+# before $5 (and closed) are dropped. Sequences: see the comments at new_codes below.
 _SLICE_SQL = """
 WITH ev AS MATERIALIZED (
     SELECT v.site_id, v.created_at, v.id, v.event_type, v.page_url, v.referrer_url, v.visitor_id, v.session_id,
@@ -189,6 +193,66 @@ daily AS (
         visitors = pipeline.rollup_union(r.visitors, EXCLUDED.visitors)
     RETURNING 1
 ),
+-- The funnel's sequences (migration 0041). New event types of a site get the next codes.
+new_codes AS (
+    INSERT INTO public.site_event_type_codes (site_id, event_type, n, code)
+    SELECT t.site_id, t.event_type, m.n + t.k, public.event_type_code((m.n + t.k)::integer)
+    FROM (SELECT d.site_id, d.event_type, row_number() OVER (PARTITION BY d.site_id ORDER BY d.event_type) AS k
+          FROM (SELECT DISTINCT e.site_id, e.event_type COLLATE "C" AS event_type FROM ev e
+                WHERE e.event_type IS NOT NULL) d
+          WHERE NOT EXISTS (SELECT FROM public.site_event_type_codes c
+                            WHERE c.site_id = d.site_id AND c.event_type = d.event_type)) t
+    CROSS JOIN LATERAL (SELECT coalesce(max(c.n), -1) AS n FROM public.site_event_type_codes c
+                        WHERE c.site_id = t.site_id) m
+    RETURNING site_id, event_type, code
+),
+codes AS MATERIALIZED (
+    SELECT c.site_id, c.event_type, c.code FROM public.site_event_type_codes c
+    UNION ALL
+    SELECT n.site_id, n.event_type, n.code FROM new_codes n
+),
+coded AS MATERIALIZED (
+    SELECT e.site_id, coalesce(hashtextextended(e.visitor_id, 0), 0) AS visitor,
+           date_trunc('hour', e.created_at, 'UTC') AS hour, e.created_at, e.id, c.code
+    FROM ev e
+    JOIN codes c ON c.site_id = e.site_id AND c.event_type = e.event_type COLLATE "C"
+),
+-- hours that get late rows are rebuilt from all their events below $2 (in this snapshot:
+-- the rolled-up ones, the late ones, the slice's); the slice's events of other hours are
+-- later than everything their hour holds, so they are appended
+late_hours AS MATERIALIZED (
+    SELECT DISTINCT k.site_id, k.visitor, k.hour FROM coded k WHERE k.created_at < $1
+),
+appended AS (
+    SELECT k.site_id, k.visitor, k.hour, string_agg(k.code, '' ORDER BY k.created_at, k.id) AS codes
+    FROM coded k
+    WHERE NOT EXISTS (SELECT FROM late_hours l
+                      WHERE l.site_id = k.site_id AND l.visitor = k.visitor AND l.hour = k.hour)
+    GROUP BY 1, 2, 3
+),
+rebuilt AS (
+    SELECT l.site_id, l.visitor, l.hour, string_agg(c.code, '' ORDER BY v.created_at, v.id) AS codes
+    FROM late_hours l
+    CROSS JOIN LATERAL (SELECT v.* FROM public.visitor_events v
+                        WHERE v.site_id = l.site_id AND v.created_at >= l.hour
+                          AND v.created_at < least(l.hour + interval '1 hour', $2)
+                        OFFSET 0) v
+    JOIN codes c ON c.site_id = v.site_id AND c.event_type = v.event_type COLLATE "C"
+    WHERE coalesce(hashtextextended(v.visitor_id, 0), 0) = l.visitor
+    GROUP BY 1, 2, 3
+),
+sequences AS (
+    INSERT INTO public.site_visitor_sequences AS q (site_id, visitor, hour, codes)
+    SELECT a.site_id, a.visitor, a.hour, coalesce(o.codes, '') || a.codes
+    FROM appended a
+    -- by primary key, one by one
+    LEFT JOIN LATERAL (SELECT o.codes FROM public.site_visitor_sequences o
+                       WHERE o.site_id = a.site_id AND o.visitor = a.visitor AND o.hour = a.hour OFFSET 0) o ON true
+    UNION ALL
+    SELECT r.site_id, r.visitor, r.hour, r.codes FROM rebuilt r
+    ON CONFLICT (site_id, visitor, hour) DO UPDATE SET codes = EXCLUDED.codes
+    RETURNING 1
+),
 dropped AS (
     DELETE FROM public.site_hourly_rollups r
     WHERE r.dimension <> 'all' AND r.hour < least($5, $3)
@@ -196,7 +260,8 @@ dropped AS (
 )
 SELECT (SELECT count(*) FROM ev) AS rows, (SELECT count(*) FROM ev WHERE created_at < $1) AS late,
        (SELECT count(*) FROM hourly) AS hourly_rows, (SELECT count(*) FROM daily) AS daily_rows,
-       (SELECT count(*) FROM sessions) AS session_rows, (SELECT count(*) FROM dropped) AS dropped_rows
+       (SELECT count(*) FROM sessions) AS session_rows, (SELECT count(*) FROM dropped) AS dropped_rows,
+       (SELECT count(*) FROM sequences) AS sequence_rows
 """
 
 
@@ -269,7 +334,8 @@ async def roll_up(
                         await tx.rollback()
                         break
                     end = start
-                await conn.execute("SET LOCAL work_mem = '64MB'")
+                # jit: the slice statement is large enough for JIT to spend seconds compiling it
+                await conn.execute("SET LOCAL work_mem = '64MB'; SET LOCAL jit = off")
                 counts = await conn.fetchrow(_SLICE_SQL, start, end, _day(end), _day(start), keep_hours_from)
                 await conn.execute("DELETE FROM public.site_rollup_late WHERE created_at < $1", end)
                 await conn.execute(
@@ -289,7 +355,8 @@ async def roll_up(
                                               "hourly_rows": counts["hourly_rows"],
                                               "daily_rows": counts["daily_rows"],
                                               "session_rows": counts["session_rows"],
-                                              "dropped_rows": counts["dropped_rows"]})
+                                              "dropped_rows": counts["dropped_rows"],
+                                              "sequence_rows": counts["sequence_rows"]})
         if rows > 100_000:  # a first run or a long catch-up: the planner needs to know
             await conn.execute("ANALYZE " + ", ".join(TABLES))
         return RollupRun(slices, rows, late, rolled_to, time.perf_counter() - started)

@@ -1,4 +1,4 @@
-"""Rollups (pipeline/rollups.py, migration 0040) against a real PostgreSQL.
+"""Rollups (pipeline/rollups.py, migrations 0040 and 0041) against a real PostgreSQL.
 
 The rollup-backed functions must return exactly what the same questions asked of the
 raw rows return (the reference queries below are 0022's functions written out). That is
@@ -122,6 +122,44 @@ WHERE site_id = $1 AND created_at >= $2 AND created_at < $3 AND event_type = 'pa
 GROUP BY 1 ORDER BY 1
 """
 
+# 0022's site_funnel written out; events of equal created_at in id order (0022 leaves
+# their order open)
+RAW_FUNNEL = """
+WITH reached AS (
+    SELECT public.funnel_progress(array_position($4::text[], v.event_type) ORDER BY v.created_at, v.id) AS n
+    FROM public.visitor_events v
+    WHERE v.site_id = $1 AND v.created_at >= $2 AND v.created_at < $3 AND v.event_type = ANY ($4::text[])
+    GROUP BY v.visitor_id COLLATE "C"
+),
+counts AS (
+    SELECT s.step, count(r.n) AS visitors
+    FROM generate_series(1, cardinality($4::text[])) AS s (step)
+    LEFT JOIN reached r ON r.n >= s.step
+    GROUP BY s.step
+)
+SELECT c.step, ($4::text[])[c.step], c.visitors,
+       round(c.visitors::numeric / nullif(lag(c.visitors) OVER w, 0), 4),
+       round(c.visitors::numeric / nullif(first_value(c.visitors) OVER w, 0), 4)
+FROM counts c
+WINDOW w AS (ORDER BY c.step)
+ORDER BY c.step
+"""
+
+# the generated types in several orders, a single step, a repeated step (never reached
+# after the first), types no event has (one of them only among late rows: "upgrade"), none
+FUNNELS = [
+    ["pageview", "click", "form_start", "signup"],
+    ["click", "pageview", "signup"],
+    ["signup", "form_start"],
+    ["click", "signup"],
+    ["pageview"],
+    ["pageview", "pageview", "click"],
+    ["form_start", "nope", "signup"],
+    ["nope", "pageview"],
+    ["pageview", "upgrade"],
+    [],
+]
+
 
 async def _rows(conn: asyncpg.Connection, sql: str, *args) -> list[tuple]:
     return [tuple(r) for r in await conn.fetch(sql, *args)]
@@ -143,6 +181,10 @@ async def assert_equal_to_raw(conn: asyncpg.Connection, sites, ranges=RANGES) ->
             latest = await _rows(conn, "SELECT * FROM public.site_sessions($1, $2, $3)"
                                        " ORDER BY started_at DESC, session_id LIMIT 5", site, a, b)
             assert latest == sorted(got, key=lambda r: (r[2], r[0]), reverse=True)[:5]
+            for steps in FUNNELS:
+                got = await _rows(conn, "SELECT * FROM public.site_funnel($1, $2, $3, $4)", site, a, b, steps)
+                assert got == await _rows(conn, RAW_FUNNEL, site, a, b, steps), (site, a, b, steps)
+                answered += any(r[2] for r in got[1:])  # later steps reached too
             for dimension in DIMENSIONS:
                 for n in (3, 10):
                     got = await _rows(conn, "SELECT * FROM public.site_top($1, $2, $3, $4, $5)", site, a, b,
@@ -210,6 +252,13 @@ async def _tables(conn: asyncpg.Connection) -> list[list[tuple]]:
         await _rows(conn, "SELECT * FROM public.site_daily_rollups ORDER BY site_id, dimension, day, value"),
         await _rows(conn, "SELECT * FROM public.site_hourly_rollups ORDER BY site_id, dimension, hour, value"),
         await _rows(conn, "SELECT * FROM public.site_session_rollups ORDER BY site_id, session_id"),
+        # sequences as event types: codes are numbered in the order the job met the types
+        await _rows(conn, """
+            SELECT q.site_id, q.visitor, q.hour,
+                   ARRAY(SELECT c.event_type FROM regexp_split_to_table(q.codes, '') WITH ORDINALITY AS x (code, i)
+                         JOIN public.site_event_type_codes c ON c.site_id = q.site_id AND c.code = x.code
+                         ORDER BY x.i)
+            FROM public.site_visitor_sequences q ORDER BY 1, 2, 3"""),
     ]
 
 
@@ -271,6 +320,9 @@ async def test_slices_through_sessions_equal_raw_and_a_rebuild_in_one_go(db, hou
 
     # the answers do come from the rollups: rows deleted behind their back still count
     day = (BASE + timedelta(days=1), BASE + timedelta(days=2))
+    funnel = "SELECT * FROM public.site_funnel($1, $2, $3, $4)"
+    reached = await _rows(conn, funnel, db.sites[0], *day, FUNNELS[0])
+    assert reached[1][2] > 0  # the second step is read from the sequences
     tx = conn.transaction()
     await tx.start()
     try:
@@ -278,6 +330,8 @@ async def test_slices_through_sessions_equal_raw_and_a_rebuild_in_one_go(db, hou
                            " AND created_at < $3", db.sites[0], *day)
         assert await conn.fetch(RAW_TOP, db.sites[0], *day, "device", 10) == []
         assert len(await conn.fetch("SELECT * FROM public.site_top($1, $2, $3, 'device')", db.sites[0], *day)) > 0
+        assert [r[2] for r in await _rows(conn, RAW_FUNNEL, db.sites[0], *day, FUNNELS[0])] == [0, 0, 0, 0]
+        assert await _rows(conn, funnel, db.sites[0], *day, FUNNELS[0]) == reached
     finally:
         await tx.rollback()
 
@@ -310,6 +364,10 @@ async def _sink(dsn: str) -> tuple[asyncpg.Pool, PostgresSink]:
 
 async def test_late_rows_are_counted_at_once_and_merged_by_the_next_run(db):
     conn, site = db.conn, db.sites[0]
+    # a click, rolled up; a late signup comes before it in the same hour (funnel click -> signup: not reached)
+    click_at = BASE + timedelta(days=2, hours=5, minutes=30)
+    await _store(conn, [_row(event_type="click", page_url="https://s0.example/", visitor_id="orderly",
+                             session_id="orderly", site_id=site, created_at=click_at)])
     await rollups.roll_up(conn, until=END, slice=timedelta(hours=7))
     assert await conn.fetchval("SELECT watermark FROM pipeline.rollup_state") == END
     session = await conn.fetchrow(
@@ -333,6 +391,12 @@ async def test_late_rows_are_counted_at_once_and_merged_by_the_next_run(db):
              site_id=site, created_at=BASE + timedelta(days=2, hours=3, seconds=1.5)),
         _row(event_type="click", page_url="https://s0.example/", visitor_id="latecomer", site_id=site,
              created_at=BASE + timedelta(hours=7)),
+        _row(event_type="signup", page_url="https://s0.example/signup", visitor_id="orderly", session_id="orderly",
+             site_id=site, created_at=click_at - timedelta(minutes=20)),
+        # a type the site never had, in the long session's hour (after its pageviews)
+        _row(event_type="upgrade", page_url="https://s0.example/upgrade", visitor_id="marathon",
+             session_id=long_one["session_id"], site_id=site,
+             created_at=long_one["started_at"] + timedelta(hours=11, seconds=1)),
     ]
     fresh = _row(event_type="pageview", page_url="https://s0.example/now", visitor_id="v1", session_id="now",
                  site_id=site, created_at=END + timedelta(minutes=5))
@@ -340,7 +404,7 @@ async def test_late_rows_are_counted_at_once_and_merged_by_the_next_run(db):
     try:
         result = await sink.write(Batch(late + [fresh], {("t", 0): 1},
                                         backfills=[(str(site), "v1", str(lead), BASE)]))
-        assert len(result.stored) == 5
+        assert len(result.stored) == 7
     finally:
         await pool.close()
     marked = {r["id"] for r in await conn.fetch("SELECT id FROM public.site_rollup_late")}
@@ -351,7 +415,7 @@ async def test_late_rows_are_counted_at_once_and_merged_by_the_next_run(db):
     before = await _tables(conn)
     await assert_equal_to_raw(conn, db.sites)  # the marked rows are read raw meanwhile
     merged = await rollups.roll_up(conn, until=END + timedelta(hours=1))
-    assert (merged.slices, merged.late, merged.rows) == (1, 4, 5)
+    assert (merged.slices, merged.late, merged.rows) == (1, 6, 7)
     assert await conn.fetchval("SELECT count(*) FROM public.site_rollup_late") == 0
     assert await _tables(conn) != before
     await assert_equal_to_raw(conn, db.sites)
@@ -493,7 +557,8 @@ async def analysts(db, pg_admin_url):
 async def test_each_owners_analyst_reads_only_its_own_rollups(db, analysts):
     conn = db.conn
     await rollups.roll_up(conn, until=END, slice=timedelta(days=1))
-    tables = ("site_daily_rollups", "site_hourly_rollups", "site_session_rollups", "site_rollup_late")
+    tables = ("site_daily_rollups", "site_hourly_rollups", "site_session_rollups", "site_event_type_codes",
+              "site_visitor_sequences", "site_rollup_late")
     policy = await conn.fetchval("SELECT clause FROM pipeline.policy_clauses('public.visitor_events')")
     for table in tables:
         assert await conn.fetchval("SELECT relrowsecurity FROM pg_class WHERE oid = $1::regclass", f"public.{table}")
@@ -502,7 +567,7 @@ async def test_each_owners_analyst_reads_only_its_own_rollups(db, analysts):
         other = next(s for s in db.sites if s not in mine)
         await conn.execute(f'SET ROLE "{analyst}"')
         try:
-            for table in tables[:3]:
+            for table in tables[:-1]:
                 seen = {r[0] for r in await conn.fetch(f"SELECT DISTINCT site_id FROM public.{table}")}
                 assert seen == mine, table
             assert await conn.fetchval("SELECT public.rollups_until()") == END
@@ -510,6 +575,8 @@ async def test_each_owners_analyst_reads_only_its_own_rollups(db, analysts):
             assert await conn.fetch("SELECT * FROM public.site_daily_stats($1, $2, $3)", other, BASE, END) == []
             assert await conn.fetch("SELECT * FROM public.site_sessions($1, $2, $3)", other, BASE, END) == []
             assert await conn.fetch("SELECT * FROM public.site_page_views($1, $2, $3)", other, BASE, END) == []
+            assert [r["visitors"] for r in await conn.fetch("SELECT * FROM public.site_funnel($1, $2, $3, $4)",
+                                                            other, BASE, END, FUNNELS[0])] == [0, 0, 0, 0]
             await assert_equal_to_raw(conn, mine, RANGES[:2])
             for sql in ("DELETE FROM public.site_daily_rollups", "UPDATE public.site_hourly_rollups SET events = 0",
                         "TRUNCATE public.site_session_rollups", "INSERT INTO public.site_rollup_late VALUES"
