@@ -76,8 +76,9 @@ class CollectorSettings:
     )
     retry_after_s: int = _opt(5, "COLLECTOR_RETRY_AFTER", "Retry-After seconds sent with a 503")
     linger_ms: int = _opt(
-        0, "COLLECTOR_LINGER_MS",
-        "producer linger in ms; 0 is best: records batch up anyway while a request is in flight",
+        2, "COLLECTOR_LINGER_MS",
+        "producer linger in ms: adds up to this to each answer, halves the broker's CPU per event "
+        "at moderate rates (fewer, fuller produce requests); see docs/performance.md",
     )
     cookieless_secret: str = _opt(
         "change-me", "COLLECTOR_COOKIELESS_SECRET",
