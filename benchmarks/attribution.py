@@ -5,6 +5,10 @@
    returns an empty result, on the same batches with the same visitor states and
    reference data. The attribution side also runs the worker's per-batch pass that
    collects the reference keys (``Enricher.needs``), which exists only for attribution.
+   Everything else attribution needs (the lead lookup included) happens inside
+   ``attribute``, so the no-op side does none of it; what both sides run is the worker's
+   own work (decode, event time, language, device, geo, sessions, row) and the use of the
+   result (its UTM keys merged into custom_data, the page handed to sessionization).
    Each round runs every batch both ways back to back (alternating which goes first,
    the garbage collector reset before each) and compares the two sides' totals; after a
    warm-up round, the median of the rounds' ratios is the result. Target: < 10%.
@@ -214,8 +218,10 @@ async def main() -> int:
         await apply_migrations(conn)
         await conn.close()
         data = await seed(dsn, args.sites)
-        values, mix = stream(data, args.events, random.Random(args.seed))
-        values = fresh_clicks(values, random.Random(args.seed))
+        # ``template`` keeps the click-id placeholders, so that every round can give them new
+        # ids (see fresh_clicks); ``values`` is the stream as first sent.
+        template, mix = stream(data, args.events, random.Random(args.seed))
+        values = fresh_clicks(template, random.Random(args.seed))
         print(f"{len(values)} events: " + ", ".join(f"{k} {v / len(values):.1%}" for k, v in mix.items())
               + f"; {len({orjson.loads(v)['event']['page_url'] for v in values})} distinct page URLs")
         enricher = Enricher.from_settings(cfg.EnrichSettings(), cfg.WorkerSettings())
@@ -237,7 +243,7 @@ async def main() -> int:
             print(f"{k // 5000 + 1:>5}  " + "  ".join(
                 f"{kind} {_rate(cache.hits[kind] - h0[kind], cache.misses[kind] - m0[kind])}" for kind in cache.hits))
             states.update(enricher.build(decoded, mine, refs).states)
-            batches.append((batch, mine, refs))
+            batches.append((template[k:k + 5000], mine, refs))
 
         def run(batch, mine, refs, with_attribution: bool) -> float:
             gc.collect()  # each run starts from the same collector state

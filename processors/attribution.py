@@ -35,14 +35,15 @@ from datetime import datetime, timezone
 from itertools import islice
 from typing import NamedTuple
 
-from processors.urls import NO_PAGE, NO_PARAMS, PageURL, parse_page
+from processors.urls import CLICK_IDS, NO_PAGE, NO_PARAMS, PageURL, parse_page
 
 RUNNING = frozenset({"running", "active"})
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 UTM_KEYS = ("utm_source", "utm_medium", "utm_campaign", "utm_term", "utm_content")
 _TERM_KEYS = ("utm_term", "utm_campaign", "utm_content")  # searched for segment keywords
 # Pages whose anonymous-hit attribution a site keeps (see SiteRefs.pages).
-PAGE_CACHE_SIZE = 2048
+PAGE_CACHE_SIZE = 2048  # per site, and per language group for pages that depend on it
+LANGUAGE_MEMO = 256  # browser languages per site mapped to their group without recomputing
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,13 +102,22 @@ class SiteRefs:
     segments: tuple[Segment, ...] = ()  # active ones, in tie-break order
     experiments: dict[str, Experiment] = field(default_factory=dict)
     experiments_by_name: dict[str, Experiment] = field(default_factory=dict)
-    # page_url, or (page_url, language) when a segment has a language rule -> the
-    # Attribution of a hit there that names nothing else (shared). Pages repeat a lot,
-    # so most events cost this one lookup.
-    pages: dict = field(default_factory=dict, repr=False)
+    # page_url ("" for none) -> (the Attribution of a hit there that names nothing else,
+    # NO_VISITOR): what ``attribute`` returns for such a hit of a visitor without state,
+    # shared, so that the common case allocates nothing. Pages repeat a lot, so most events
+    # cost this one lookup: keyed by the URL string alone (faster than (url, language)
+    # tuples), as most pages' result does not depend on the browser language. The value is
+    # None for a page whose result does (a language-rule segment can match it): that page's
+    # results are kept per language group, in ``language_pages``.
+    pages: dict[str, PageResult | None] = field(default_factory=dict, repr=False)
+    # Browser language as attribution gets it ("es-mx") -> the page results of its language
+    # group: the primary subtag when a segment rule names it ("es"), else the group of all
+    # other languages. One dict per group, not per language: results differ only between groups.
+    language_pages: dict[str | None, dict[str, PageResult]] = field(default_factory=dict, repr=False)
     matcher: SegmentMatcher = field(init=False, repr=False)
-    by_language: bool = field(init=False, repr=False)  # the page cache is keyed by language too
+    by_language: bool = field(init=False, repr=False)  # some segment has a language rule
     nothing: Attribution = field(init=False, repr=False)  # the result when nothing matches
+    _groups: dict[str | None, dict[str, PageResult]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.nothing = Attribution(self.site.owner, None, None, None, None, NO_PARAMS, (), None)
@@ -123,20 +133,38 @@ class SiteRefs:
         self.matcher = SegmentMatcher(self.segments)
         self.by_language = self.matcher.by_language
         self.pages.clear()
+        self.language_pages.clear()
+        self._groups = {None: {}}
+
+    def pages_for(self, language: str | None) -> dict[str, PageResult]:
+        """The page results for browsers in ``language`` (see ``language_pages``)."""
+        pages = self.language_pages.get(language)
+        if pages is None:
+            group = language.split("-", 1)[0] if language else None
+            if not self.matcher.has_language(group):
+                group = None
+            pages = self._groups.get(group)
+            if pages is None:
+                pages = self._groups[group] = {}
+            if len(self.language_pages) < LANGUAGE_MEMO:  # bounded: languages are client input
+                self.language_pages[language] = pages
+        return pages
 
     def page(self, page_url: str | None, language: str | None) -> Attribution:
         """Segment (by page and language), campaign (by UTM) and the raw UTM values of a
         hit that names nothing else: what an anonymous visitor's plain hit gets."""
-        a = self.pages.get((page_url, language) if self.by_language else page_url)
-        return self.page_miss(page_url, language) if a is None else a
+        hit = self.pages.get(page_url or "")
+        return (self.page_miss(page_url, language) if hit is None else hit)[0]
 
-    def page_miss(self, page_url: str | None, language: str | None) -> Attribution:
-        pages = self.pages
-        if len(pages) >= PAGE_CACHE_SIZE:
-            # Bounded: drop the oldest quarter (dicts keep insertion order); no LRU
-            # bookkeeping on the hits, which are most events.
-            for key in list(islice(pages, PAGE_CACHE_SIZE // 4)):
-                del pages[key]
+    def page_miss(self, page_url: str | None, language: str | None) -> PageResult:
+        """``page``'s result (with NO_VISITOR) when ``pages`` does not hold it: a page seen
+        for the first time, or one whose result depends on the language group."""
+        key = page_url or ""
+        by_group = self.pages_for(language) if self.by_language and key in self.pages else None
+        if by_group is not None:
+            hit = by_group.get(key)
+            if hit is not None:
+                return hit
         page = parse_page(page_url) if page_url else NO_PAGE
         params = page.params
         segment_id = self.matcher.match(page, language)
@@ -145,10 +173,30 @@ class SiteRefs:
         if segment_id is None and campaign_id is None and not custom and page is NO_PAGE:
             a = self.nothing
         else:
-            a = Attribution(self.site.owner, None, segment_id, None, campaign_id, custom or NO_PARAMS, (), None,
-                            page)
-        pages[(page_url, language) if self.by_language else page_url] = a
-        return a
+            a = _new(Attribution, (self.site.owner, None, segment_id, None, campaign_id, custom or NO_PARAMS, (),
+                                   None, page))
+        hit = (a, NO_VISITOR)
+        if params and any(c in params for c in CLICK_IDS):
+            # A URL with an ad click id is new on every click: caching it would only push
+            # out pages that repeat (and give the garbage collector more to walk).
+            return hit
+        if by_group is None and self.by_language and self.matcher.depends_on_language(page):
+            by_group = self.pages_for(language)
+            _bounded_put(self.pages, key, None)
+        if by_group is not None:
+            _bounded_put(by_group, key, hit)
+        else:
+            _bounded_put(self.pages, key, hit)
+        return hit
+
+
+def _bounded_put(pages: dict, key: str, value: object) -> None:
+    if len(pages) >= PAGE_CACHE_SIZE:
+        # Bounded: drop the oldest quarter (dicts keep insertion order); no LRU
+        # bookkeeping on the hits, which are most events.
+        for old in list(islice(pages, PAGE_CACHE_SIZE // 4)):
+            del pages[old]
+    pages[key] = value
 
 
 class Attribution(NamedTuple):
@@ -180,6 +228,9 @@ class VisitorAttribution(NamedTuple):
                 return v
         return None
 
+
+NO_VISITOR = VisitorAttribution()  # the state of a visitor linked to nothing (shared)
+PageResult = tuple[Attribution, VisitorAttribution]  # see SiteRefs.pages
 
 # tuple.__new__(NamedTupleClass, (fields...)) builds one without a Python-level call.
 _new = tuple.__new__
@@ -233,6 +284,15 @@ class SegmentMatcher:
         self._by_language = {lang: tuple(c[:5] for c in checks if not c[5] or c[5] == lang)
                              for lang in {c[5] for c in checks if c[5]}}
         self.by_language = bool(self._by_language)  # whether the browser language can matter
+
+    def depends_on_language(self, page: PageURL) -> bool:
+        """Whether hits on ``page`` get different segments for different browser languages."""
+        anyone = self.match(page, None)
+        return any(self.match(page, language) != anyone for language in self._by_language)
+
+    def has_language(self, primary: str | None) -> bool:
+        """Whether a rule names this language (primary subtag): its browsers are a group."""
+        return primary in self._by_language
 
     def match(self, page: PageURL, language: str | None) -> str | None:
         """The winning segment's id for a hit on ``page`` (keywords are also looked for in
@@ -288,25 +348,32 @@ def as_uuid(value: object) -> str | None:
 LeadLookup = Callable[..., "Lead | None"]
 
 
-def attribute(event: Mapping, refs: SiteRefs, lookup_lead: LeadLookup, visitor: VisitorAttribution,
+def _names_something(custom: object) -> bool:
+    """Whether custom_data may name an email or experiment (usual click or step data does not)."""
+    return bool(custom) and (type(custom) is not dict or "email" in custom or "experiment" in custom)
+
+
+def attribute(event: Mapping, refs: SiteRefs, leads: RefSnapshot, visitor: VisitorAttribution,
               t: datetime, language: str | None) -> tuple[Attribution, VisitorAttribution]:
-    """Attribute one event of an existing site. ``lookup_lead(lead_id=…, email=…)``
-    returns a ``Lead`` of this site or None (reference data, already loaded).
+    """Attribute one event of an existing site. ``leads`` is the batch's reference data
+    (already loaded); its lead lookup is fetched only for an event that needs it.
 
     The Attribution returned may be shared between events: read-only."""
+    # What the page gives a hit that names nothing else (cached per site; see SiteRefs.pages).
     page_url = event.get("page_url")
-    custom_in = event.get("custom_data")
-    if not (visitor.lead_id or visitor.variants or event.get("lead_id") or event.get("experiment_id")
-            or event.get("campaign_id")) and (
-            not custom_in or (type(custom_in) is dict and "email" not in custom_in
-                              and "experiment" not in custom_in)):
+    hit = refs.pages.get(page_url or "")
+    if hit is None:  # not seen yet, or its result depends on the language
+        hit = refs.page_miss(page_url, language)
+    # ``in`` rather than get(): cheaper, and a key present but empty takes the full path,
+    # which gives such an event the page's result too.
+    if (visitor is NO_VISITOR or not (visitor.lead_id or visitor.variants)) and not (
+            "lead_id" in event or "experiment_id" in event or "campaign_id" in event
+            or ("custom_data" in event and _names_something(event["custom_data"]))):
         # The common case: an anonymous visitor's hit naming no lead, email, experiment or
-        # campaign. Its attribution depends on the page and language only: cached per site.
-        a = refs.pages.get((page_url, language) if refs.by_language else page_url)
-        return (refs.page_miss(page_url, language) if a is None else a), visitor
-    base = refs.pages.get((page_url, language) if refs.by_language else page_url)
-    if base is None:
-        base = refs.page_miss(page_url, language)  # what the page gives; the rest overrides it
+        # campaign gets the page's result, as the very pair returned (nothing allocated).
+        return hit if visitor is NO_VISITOR else (hit[0], visitor)
+    base = hit[0]  # the rest overrides it
+    custom_in = event.get("custom_data")
     if type(custom_in) is not dict:
         custom_in = NO_PARAMS
     dropped: tuple[str, ...] = ()
@@ -315,6 +382,9 @@ def attribute(event: Mapping, refs: SiteRefs, lookup_lead: LeadLookup, visitor: 
     lead: Lead | None = None
     lead_id = visitor.lead_id
     named = event.get("lead_id")
+    # Fetched only when a lead is involved (experiment-only events are most of this path).
+    lookup_lead = (leads.lookup_lead(refs.site.id) if named or lead_id is not None or "email" in custom_in
+                   else None)
     if named:
         lead = lookup_lead(named, None)
         if lead is None or lead.site_id != refs.site.id:

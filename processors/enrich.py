@@ -47,7 +47,7 @@ class VisitorState:
     """What the worker remembers of a visitor between batches (pipeline.visitor_sessions)."""
 
     sessions: sess.VisitorState = ()
-    attribution: attr.VisitorAttribution = attr.VisitorAttribution()
+    attribution: attr.VisitorAttribution = attr.NO_VISITOR
 
     def to_json(self) -> dict:
         a = self.attribution
@@ -58,8 +58,11 @@ class VisitorState:
         if isinstance(value, list):  # sessions only (the first format)
             return cls(sess.state_from_json(value))
         value = value or {}
+        lead, variants = value.get("l"), tuple(tuple(v) for v in value.get("x") or ())
+        # A visitor linked to nothing gets the shared NO_VISITOR: attribution's fast path
+        # recognises it by identity.
         return cls(sess.state_from_json(value.get("s")),
-                   attr.VisitorAttribution(value.get("l"), tuple(tuple(v) for v in value.get("x") or ())))
+                   attr.NO_VISITOR if lead is None and not variants else attr.VisitorAttribution(lead, variants))
 
 
 NO_STATE = VisitorState()
@@ -178,12 +181,13 @@ class Enricher:
         """The reference data keys the batch refers to (for the worker to load).
         ``states``: those of the batch's visitors (any other only adds its lead to load)."""
         needs = attr.Needs()
-        sites = needs.sites
+        add_site = needs.sites.add
         no_visitor = NO_STATE.attribution
         for _, env in decoded:
             ev = env["event"]
-            sites.add(ev["site_id"])
-            if "lead_id" in ev or "custom_data" in ev:  # most events name neither
+            add_site(ev["site_id"])
+            # Most events name no lead and no email (custom_data is a dict: decode checks it).
+            if "lead_id" in ev or ("custom_data" in ev and "email" in ev["custom_data"]):
                 attr.needs_of(ev, no_visitor, needs)
         for state in states.values():  # linked leads: once per visitor, not per event
             if state.attribution.lead_id:
@@ -218,7 +222,7 @@ class Enricher:
             t_ms = event_time_ms(env, self.max_past_ms, self.max_future_ms)
             t = _ms_to_dt(t_ms)
             lang = _primary_language(env["hints"].get("accept-language"))
-            a, visitor = attr.attribute(ev, site, refs.lookup_lead(key[0]), state.attribution, t, lang)
+            a, visitor = attr.attribute(ev, site, refs, state.attribution, t, lang)
             source = sess.traffic_source(ev.get("page_url"), ev.get("referrer_url"), a.campaign_id, a.page)
             session_id, sessions = sess.assign(
                 state.sessions, site_id=key[0], visitor_id=key[1], t_ms=t_ms, source=source,

@@ -42,7 +42,7 @@ def snapshot() -> RefSnapshot:
 
 def run(event, site_refs=None, visitor=VisitorAttribution(), t=T, lang=None):
     event = {"site_id": SITE, "event_type": "pageview", "visitor_id": "v1", **event}
-    return attribute(event, site_refs or refs(), snapshot().lookup_lead(SITE), visitor, t, lang)
+    return attribute(event, site_refs or refs(), snapshot(), visitor, t, lang)
 
 
 def test_user_id_is_the_site_owner():
@@ -270,6 +270,8 @@ def test_page_results_are_cached_per_page_and_language_and_bounded():
     for i in range(PAGE_CACHE_SIZE + 10):
         site.page(f"https://a.example/{i}", None)
     assert len(site.pages) <= PAGE_CACHE_SIZE
+    assert site.pages_for("es-mx") is site.pages_for("es") is not site.pages_for("en")  # one cache per group
+    assert site.pages_for("en") is site.pages_for(None) is site.pages_for("español")
     site.segments = order_segments([Segment(SEG_BLOG, "/blog", (), None, T)])  # recompiled, cache dropped
     assert not site.by_language and not site.pages
     assert site.page("https://a.example/blog/x", "es").segment_id == SEG_BLOG
@@ -311,3 +313,149 @@ def test_lookup_is_built_once_per_site_and_finds_leads_linked_by_email_in_the_ba
     del snap.leads[LEAD]
     assert lookup(LEAD, None) == Lead(LEAD, SITE, SEG_LEAD)  # linked by email earlier in the batch
     assert lookup(None, "ana@example.com").id == LEAD and lookup(None, "x@example.com") is None
+
+
+# -- the cheap paths give exactly what the full computation gives -------------------------
+
+from processors.attribution import LANGUAGE_MEMO, NO_VISITOR, Needs, as_uuid, needs_of  # noqa: E402
+from processors.urls import NO_PAGE  # noqa: E402
+from processors.enrich import Enricher, VisitorState  # noqa: E402
+from processors.device import DeviceDetector  # noqa: E402
+
+
+def mixed_events(rng, n):
+    """Events of five visitors mixing everything attribution looks at, including keys
+    present but empty, URLs with ad click ids, and no page at all."""
+    pages = ["https://a.example/blog/x", "https://a.example/es/hola", "https://a.example/shop?utm_term=shoes",
+             "https://a.example/?utm_campaign=checkout%20test&utm_source=news", "https://a.example/?gclid=1",
+             "https://a.example/blog?fbclid=2&utm_source=ads", None, ""]
+    customs = [None, {}, {"element": "cta"}, {"email": " Ana@Example.com "}, {"email": "nobody@example.com"},
+               {"experiment": EXP, "variant": "A"}, {"variant": "B"}, "not a dict"]
+    for _ in range(n):
+        event = {"site_id": SITE, "event_type": "pageview", "visitor_id": f"v{rng.randrange(5)}"}
+        for key, values in (("page_url", pages), ("custom_data", customs),
+                            ("lead_id", [None] * 8 + [LEAD, OTHER_LEAD, ""]),
+                            ("experiment_id", [None] * 6 + [EXP, EXP_OLD, ""]),
+                            ("campaign_id", [None] * 8 + [EXP, "77777777-7777-4777-8777-777777777777", ""])):
+            value = rng.choice(values)
+            if value is not None:
+                event[key] = value
+        yield event, rng.choice([None, "es", "es-mx", "en-gb", "pt"]), T + timedelta(hours=rng.randrange(-30, 30))
+
+
+def reference_attribute(event, site, leads, visitor, t, language):
+    """docs/attribution.md's rules read literally, everything computed for every event."""
+    lookup = leads.lookup_lead(SITE)
+    custom_in = event.get("custom_data") if isinstance(event.get("custom_data"), dict) else {}
+    page = parse_page(event["page_url"]) if event.get("page_url") else None
+    params = page.params if page else {}
+    lead, dropped, backfill, lead_id = None, (), None, visitor.lead_id
+    if event.get("lead_id"):
+        lead = lookup(event["lead_id"], None)
+        if lead is None or lead.site_id != SITE:
+            lead, dropped = None, ("lead",)
+    email = custom_in.get("email")
+    if lead is None and isinstance(email, str) and "@" in email:
+        lead = lookup(None, email.strip().lower())
+    if lead is not None and lead.id != lead_id:
+        backfill = lead_id = lead.id
+    elif lead is None and lead_id:
+        lead = lookup(lead_id, None)
+    variants = visitor.variants
+    segment = lead.segment_id if lead and lead.segment_id else match_segment(
+        site.segments, event.get("page_url"), params, language)
+    custom = {f"${k}": params[k] for k in ("utm_source", "utm_medium", "utm_campaign", "utm_term", "utm_content")
+              if params.get(k)}
+    utm = (params.get("utm_campaign") or "").strip().lower()
+    by_utm = site.experiments.get(utm) or site.experiments_by_name.get(utm) if utm else None
+    experiment = None
+    named = event.get("experiment_id") or (as_uuid(custom_in["experiment"]) if "experiment" in custom_in else None)
+    if named:
+        exp = site.experiments.get(named)
+        if exp is not None and exp.running_at(t):
+            experiment = exp.id
+            if visitor.variant(experiment) is None:
+                variants += ((experiment, str(custom_in.get("variant", ""))),)
+            custom["$variant"] = dict(variants)[experiment]
+        else:
+            dropped += ("experiment",)
+    else:
+        for eid, variant in reversed(variants):
+            if eid in site.experiments and site.experiments[eid].running_at(t):
+                experiment, custom["$variant"] = eid, variant
+                break
+    campaign = by_utm.id if by_utm else None
+    if event.get("campaign_id"):
+        campaign = event["campaign_id"] if event["campaign_id"] in site.experiments else None
+        dropped += () if campaign else ("campaign",)
+    return (OWNER, lead_id, segment, experiment, campaign, custom, dropped, backfill, page), \
+        VisitorAttribution(lead_id, variants)
+
+
+def test_cached_and_shared_results_are_what_the_rules_give_on_a_mixed_stream():
+    segments = [Segment(SEG_BLOG, "/blog", (), None, T), Segment(SEG_ES, "/es", (), "es", T),
+                Segment(SEG_LEAD, None, ("shoes",), None, T)]
+    experiments = [running(), running(EXP_OLD, "Old", end=T)]
+    warm = refs(segments, experiments)  # shared by all events, as in the worker
+    warm_states: dict = {}
+    ref_states: dict = {}
+    for event, language, t in mixed_events(random.Random(7), 3000):
+        v = event["visitor_id"]
+        a, visitor = attribute(event, warm, snapshot(), warm_states.get(v, NO_VISITOR), t, language)
+        # The reference gets an equal visitor state, but not the shared NO_VISITOR.
+        want, want_visitor = reference_attribute(event, warm, snapshot(), ref_states.get(v, VisitorAttribution()),
+                                                 t, language)
+        assert (*a[:8], a.page if a.page is not NO_PAGE else None) == want, (event, language)
+        assert visitor == want_visitor
+        warm_states[v], ref_states[v] = visitor, want_visitor
+    assert warm.pages and not any("clid=" in url for pages in (warm.pages, *warm._groups.values()) for url in pages)
+    # Only the pages a language-rule segment can match are kept per language group.
+    assert warm.pages["https://a.example/es/hola"] is None and warm.pages["https://a.example/blog/x"] is not None
+
+
+def test_a_page_is_cached_per_language_group_only_when_its_segment_depends_on_the_language():
+    site = refs([Segment(SEG_BLOG, "/blog", (), None, T), Segment(SEG_ES, "/blog/es", (), "es", T)])
+    blog = site.page("https://a.example/blog/x", "es-mx")
+    assert blog.segment_id == SEG_BLOG and site.pages["https://a.example/blog/x"][0] is blog
+    assert site.page("https://a.example/blog/x", "en") is blog  # the same for every language
+    assert site.page("https://a.example/blog/es/x", "es-mx").segment_id == SEG_ES
+    assert site.page("https://a.example/blog/es/x", "en").segment_id == SEG_BLOG
+    assert site.pages["https://a.example/blog/es/x"] is None  # see the language groups
+    assert site.page("https://a.example/blog/es/x", "es").segment_id == SEG_ES
+
+
+def test_pages_with_ad_click_ids_are_not_cached():
+    site = refs([Segment(SEG_BLOG, "/blog", (), None, T)])
+    a, _ = run({"page_url": "https://a.example/blog?gclid=123"}, site_refs=site)
+    assert a.segment_id == SEG_BLOG and a.page.source == "click:gclid" and not site.pages
+
+
+def test_language_groups_are_memoised_boundedly():
+    site = refs([Segment(SEG_ES, "/es", (), "es", T)])
+    others = site.pages_for(None)
+    for i in range(LANGUAGE_MEMO + 50):
+        assert site.pages_for(f"x{i}") is others
+    assert len(site.language_pages) == LANGUAGE_MEMO
+    assert site.page("https://a.example/es/x", "es-419").segment_id == SEG_ES
+
+
+def test_a_visitor_state_linked_to_nothing_is_the_shared_one():
+    assert VisitorState.from_json({"s": [], "l": None, "x": []}).attribution is NO_VISITOR
+    assert VisitorState.from_json([]).attribution is NO_VISITOR
+    state = VisitorState.from_json({"s": [], "l": LEAD, "x": [[EXP, "A"]]})
+    assert state.attribution == VisitorAttribution(LEAD, ((EXP, "A"),))
+    assert VisitorState.from_json(state.to_json()) == state
+
+
+def test_enricher_needs_collects_what_each_event_names():
+    enricher = Enricher(geo=None, device=DeviceDetector(16), ip_mode="full", session_timeout_ms=1_800_000,
+                        default_tz="UTC", max_past_ms=10**12, max_future_ms=10**6)
+    events = [event for event, _, _ in mixed_events(random.Random(3), 500)]
+    events += [{"site_id": "other", "visitor_id": "w", "lead_id": OTHER_LEAD, "custom_data": {"email": "a@B.c"}}]
+    states = {(SITE, "v1"): VisitorState(attribution=VisitorAttribution(LEAD)), (SITE, "v2"): VisitorState()}
+    want = Needs()
+    for event in events:
+        needs_of(event, NO_VISITOR, want)
+    want.leads.add(LEAD)
+    assert enricher.needs([(i, {"event": e}) for i, e in enumerate(events)], states) == want
+    assert want.emails == {(SITE, "ana@example.com"), (SITE, "nobody@example.com"), ("other", "a@b.c")}
