@@ -310,3 +310,29 @@ BEGIN
     END LOOP;
 END
 $do$;
+
+
+-- 4. A database that had rollups before this migration (0040) has them up to rolled_to,
+-- with no sequences below it: the funnel would read empty sequences there. Build those
+-- hours' sequences once, here, as the job would have appended them slice by slice (events
+-- below rolled_to; rows marked late included: the job rebuilds their hours when it rolls
+-- them up). Codes are numbered per site in event_type order. Nothing to do on a new
+-- database (rolled_to is NULL) or when a site already has codes.
+INSERT INTO public.site_event_type_codes (site_id, event_type, n, code)
+SELECT t.site_id, t.event_type, t.n, public.event_type_code(t.n)
+FROM (SELECT d.site_id, d.event_type,
+             (row_number() OVER (PARTITION BY d.site_id ORDER BY d.event_type) - 1)::integer AS n
+      FROM (SELECT DISTINCT v.site_id, v.event_type COLLATE "C" AS event_type
+            FROM public.visitor_events v
+            JOIN pipeline.rollup_state s ON v.created_at < s.rolled_to
+            WHERE v.event_type IS NOT NULL) d
+      WHERE NOT EXISTS (SELECT FROM public.site_event_type_codes c WHERE c.site_id = d.site_id)) t;
+
+INSERT INTO public.site_visitor_sequences (site_id, visitor, hour, codes)
+SELECT v.site_id, coalesce(hashtextextended(v.visitor_id, 0), 0), date_trunc('hour', v.created_at, 'UTC'),
+       string_agg(c.code, '' ORDER BY v.created_at, v.id)
+FROM public.visitor_events v
+JOIN pipeline.rollup_state s ON v.created_at < s.rolled_to
+JOIN public.site_event_type_codes c ON c.site_id = v.site_id AND c.event_type = v.event_type COLLATE "C"
+GROUP BY 1, 2, 3
+ON CONFLICT DO NOTHING;
